@@ -1,0 +1,1 @@
+"""Build stage: matrix cells, kernel sources, images and their cache."""

@@ -1,0 +1,243 @@
+"""Build (or reuse) a router image: kernel file + initramfs + manifest, cached by content.
+
+Lookup is two-level. ``index/<input key>.json`` maps the inputs (recipe, kernel source, arch,
+guest files) to the image last resolved for them; ``images/<image key>/`` is keyed by those
+inputs *plus the resolved package versions*, so a new Debian upload gives a new image while an
+unchanged archive reuses the old one. ``--refresh-images`` re-resolves; otherwise an index
+entry is trusted, which keeps test start-up offline and instant.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kmodtest import __version__
+from kmodtest.build import debian, modules
+from kmodtest.build.cache import Cache
+from kmodtest.build.cells import Cell
+from kmodtest.build.kernels import KernelSource, KernelTree, kernel_source_for
+from kmodtest.build.recipes import Recipe, load_recipe
+from kmodtest.errors import BuildError
+from kmodtest.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Bump when the image layout changes in a way the inputs below do not capture.
+LAYOUT_VERSION = 1
+GUEST_FILES = ("init", "agent")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image on disk."""
+
+    path: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "kernel"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.cpio"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    @property
+    def kernel_version(self) -> str:
+        return str(self.manifest["kernel_version"])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _guest_file(name: str) -> bytes:
+    return resources.files("kmodtest.guest").joinpath("files", name).read_bytes()
+
+
+def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
+    blob = {
+        "layout": LAYOUT_VERSION,
+        "recipe": recipe.digest(),
+        "source": source.identity(),
+        "arch": cell.arch.debian,
+        "suite": source.suite,
+        "apt_options": list(source.apt_options),
+        "guest": {n: _sha256(_guest_file(n)) for n in GUEST_FILES},
+    }
+    return _sha256(json.dumps(blob, sort_keys=True).encode())[:20]
+
+
+def image_key(in_key: str, versions: dict[str, str]) -> str:
+    return _sha256(json.dumps([in_key, sorted(versions.items())]).encode())[:20]
+
+
+class ImageBuilder:
+    """Turns a cell into an :class:`Image`, building at most once per content key."""
+
+    def __init__(self, cache: Cache, images_dir: Path, progress: Progress | None = None) -> None:
+        self.cache = cache
+        self.images_dir = images_dir
+        self.progress = progress or Progress(quiet=True)
+
+    def _index_path(self, in_key: str) -> Path:
+        return self.cache.root / "index" / f"{in_key}.json"
+
+    def cached(self, cell: Cell) -> Image | None:
+        """The image the index points at for this cell, if it is on disk."""
+        recipe = load_recipe(self.images_dir, cell.spec.image)
+        index = self._index_path(input_key(recipe, kernel_source_for(cell), cell))
+        if not index.is_file():
+            return None
+        path = self.cache.path("images", json.loads(index.read_text())["image"])
+        return Image(path) if (path / "manifest.json").is_file() else None
+
+    def get(self, cell: Cell, refresh: bool = False) -> Image:
+        if not refresh and (image := self.cached(cell)):
+            return image
+        recipe = load_recipe(self.images_dir, cell.spec.image)
+        source = kernel_source_for(cell)
+        in_key = input_key(recipe, source, cell)
+        work_parent = self.cache.root / "work"
+        work_parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{cell.id}.", dir=work_parent))
+        try:
+            with self.progress.step(f"{cell.id}: fetching Debian packages ({source.suite})"):
+                tree = debian.fetch(
+                    source.suite,
+                    cell.arch.debian,
+                    [*recipe.spec.packages, *source.extra_packages()],
+                    work,
+                    self.progress,
+                    source.apt_options,
+                )
+            key = image_key(in_key, tree.versions)
+
+            def build(out: Path) -> None:
+                with self.progress.step(f"{cell.id}: assembling image {key}"):
+                    self._assemble(cell, recipe, source, tree, work, out)
+
+            path = self.cache.get_or_build("images", key, build)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        index = self._index_path(in_key)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"image": key, "resolved_at": time.time(), "cell": cell.id}))
+        os.replace(tmp, index)
+        return Image(path)
+
+    def _assemble(
+        self,
+        cell: Cell,
+        recipe: Recipe,
+        source: KernelSource,
+        tree: debian.FetchedTree,
+        work: Path,
+        out: Path,
+    ) -> None:
+        kernel: KernelTree = source.locate(tree.root, cell.arch)
+        self.progress.detail(f"resolving module closure for {kernel.version}")
+        modules.depmod(kernel.modules_root, kernel.version)
+        wanted = list(dict.fromkeys([*recipe.spec.modules, *recipe.spec.boot_modules]))
+        optional = [m for m in recipe.spec.optional_modules if m not in wanted]
+        mods = modules.closure(kernel.modules_root, kernel.version, wanted, optional)
+
+        staging = work / "initramfs"
+        self.progress.detail("staging initramfs tree")
+        shutil.copytree(
+            tree.root,
+            staging,
+            symlinks=True,
+            ignore=_ignore_paths(tree.root, [*recipe.spec.drop, "usr/lib/modules"]),
+        )
+        included = modules.install(mods, kernel.modules_root, staging, kernel.version)
+        self._add_guest_files(staging, recipe)
+
+        shutil.copy2(kernel.image, out / "kernel")
+        self.progress.detail("writing initramfs archive")
+        write_cpio(staging, out / "initrd.cpio")
+        manifest = {
+            "cell": cell.id,
+            "arch": cell.arch.name,
+            "recipe": recipe.name,
+            "recipe_digest": recipe.digest(),
+            "source": source.identity(),
+            "kernel_version": kernel.version,
+            "packages": dict(sorted(tree.versions.items())),
+            "modules": included,
+            "modules_builtin": sorted(mods.builtin),
+            "modules_missing": mods.missing,
+            "kernel_sha256": _sha256((out / "kernel").read_bytes()),
+            "initrd_sha256": _sha256((out / "initrd.cpio").read_bytes()),
+            "initrd_bytes": (out / "initrd.cpio").stat().st_size,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kmodtest": __version__,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    def _add_guest_files(self, staging: Path, recipe: Recipe) -> None:
+        init = staging / "init"
+        init.write_bytes(_guest_file("init"))
+        init.chmod(0o755)
+        lib = staging / "usr" / "lib" / "kmodtest"
+        lib.mkdir(parents=True, exist_ok=True)
+        (lib / "agent").write_bytes(_guest_file("agent"))
+        etc = staging / "etc" / "kmodtest"
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "boot-modules").write_text("\n".join(recipe.spec.boot_modules) + "\n")
+        (etc / "prefer-real").write_text("\n".join(recipe.spec.prefer_real) + "\n")
+        sh = staging / "usr" / "bin" / "sh"
+        if not sh.exists() and not sh.is_symlink():
+            sh.symlink_to("dash")  # dash's postinst would have made it
+        for name in ("proc", "sys", "dev", "tmp", "run", "root", "var/run"):
+            (staging / name).mkdir(parents=True, exist_ok=True)
+        # programs that look up names need these even with no network services
+        (staging / "etc" / "hosts").write_text("127.0.0.1 localhost router\n::1 localhost\n")
+        (staging / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (staging / "etc" / "group").write_text("root:x:0:\n")
+
+
+def _ignore_paths(root: Path, drop: list[str]):  # type: ignore[no-untyped-def]
+    """A ``copytree`` ignore function for the recipe's ``drop`` globs (relative to ``root``)."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).relative_to(root)
+        return {n for n in names if any(fnmatch.fnmatchcase(str(rel / n), d) for d in drop)}
+
+    return ignore
+
+
+def write_cpio(tree: Path, archive: Path) -> None:
+    """An uncompressed newc archive owned by root: the guest kernel need not decompress it."""
+    cpio = debian.require_tool("cpio", "cpio")
+    names = []
+    for directory, dirs, files in os.walk(tree):  # does not follow symlinked directories
+        rel = Path(directory).relative_to(tree)
+        names += [str(rel / n) for n in [*dirs, *files]]
+    names.sort()
+    with open(archive, "wb") as out:
+        result = subprocess.run(
+            [cpio, "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
+            input="\n".join(names).encode(),
+            cwd=tree,
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+    if result.returncode != 0:
+        raise BuildError(f"cpio failed: {result.stderr.decode().strip()}")

@@ -1,0 +1,139 @@
+"""Kernel sources: where an image's kernel and modules come from.
+
+Every kind answers the same three questions (which extra Debian packages to fetch, what
+identifies its input, where the kernel file and modules tree are), so the image builder never
+asks which kind it got. Debian packages and a user's own build exist today; OpenWrt releases and
+patched-module overlays are further implementations of the same interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmodtest.build.arches import Arch
+from kmodtest.build.cells import Cell, DebianSource, LocalSource
+from kmodtest.errors import BuildError, ConfigError
+
+
+@dataclass(frozen=True)
+class KernelTree:
+    image: Path  # bzImage / Image / zImage
+    modules_root: Path  # holds lib/modules/<version>/
+    version: str
+
+
+class KernelSource(ABC):
+    suite: str  # Debian suite for the userland packages around the kernel
+    apt_options: tuple[str, ...] = ()
+
+    @abstractmethod
+    def extra_packages(self) -> tuple[str, ...]:
+        """Debian packages to fetch together with the image's userland."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What identifies this input, for the cache key."""
+
+    @abstractmethod
+    def locate(self, rootfs: Path, arch: Arch) -> KernelTree:
+        """Find the kernel and modules (``rootfs`` holds the fetched packages)."""
+
+
+def _single_version(modules_root: Path, where: str) -> str:
+    base = modules_root / "lib" / "modules"
+    versions = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if len(versions) != 1:
+        raise BuildError(
+            f"expected one kernel version under {base}, found {versions or 'none'}",
+            f"check {where}",
+        )
+    return versions[0]
+
+
+@dataclass(frozen=True)
+class DebianKernel(KernelSource):
+    suite: str
+    kernel_package: str
+    apt_options: tuple[str, ...] = ()
+
+    def extra_packages(self) -> tuple[str, ...]:
+        return (self.kernel_package,)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "debian", "suite": self.suite, "package": self.kernel_package}
+
+    def locate(self, rootfs: Path, arch: Arch) -> KernelTree:
+        version = _single_version(rootfs, f"the {self.kernel_package} package of {self.suite}")
+        for pattern in arch.kernel_glob:
+            for candidate in sorted(rootfs.glob(pattern)):
+                if version in str(candidate):
+                    return KernelTree(candidate, rootfs, version)
+        raise BuildError(
+            f"{self.kernel_package} ({self.suite}) has no kernel image at {arch.kernel_glob}",
+            "check the cell's kernel_package names a linux-image package for this arch",
+        )
+
+
+def _tree_digest(path: Path) -> str:
+    """Cheap identity of a directory tree: names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalKernel(KernelSource):
+    kernel_image: Path
+    modules: Path
+    suite: str = "trixie"
+
+    def extra_packages(self) -> tuple[str, ...]:
+        return ()
+
+    def identity(self) -> dict[str, Any]:
+        image = self.kernel_image.expanduser()
+        if not image.is_file():
+            raise ConfigError(
+                f"kernel image {image} does not exist",
+                "pass the bzImage/Image/zImage your build produced (arch/*/boot/)",
+            )
+        return {
+            "kind": "local",
+            "image": hashlib.sha256(image.read_bytes()).hexdigest(),
+            "modules": _tree_digest(self.modules.expanduser()),
+        }
+
+    def locate(self, rootfs: Path, arch: Arch) -> KernelTree:
+        root = self.modules.expanduser()
+        version = _single_version(root, f"{root} (make modules_install INSTALL_MOD_PATH=...)")
+        return KernelTree(self.kernel_image.expanduser(), root, version)
+
+
+def kernel_source_for(cell: Cell) -> KernelSource:
+    src = cell.spec.source
+    if isinstance(src, DebianSource):
+        return DebianKernel(src.suite, src.kernel_package, tuple(src.apt_options))
+    if isinstance(src, LocalSource):
+        return LocalKernel(src.kernel_image, src.modules, src.suite)
+    raise ConfigError(f"cell {cell.id}: unsupported kernel source {src!r}")
+
+
+_DEB = re.compile(r"^(?P<name>[^_]+)_(?P<version>[^_]+)_(?P<arch>[^_]+)\.deb$")
+
+
+def parse_deb_filename(filename: str) -> tuple[str, str] | None:
+    """``libc6_2.36-9%2bdeb12u14_amd64.deb`` -> ``("libc6", "2.36-9+deb12u14")``."""
+    from urllib.parse import unquote
+
+    match = _DEB.match(filename)
+    if not match:
+        return None
+    return match["name"], unquote(match["version"])

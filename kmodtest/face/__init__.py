@@ -1,0 +1,1 @@
+"""User-facing stage: the pytest plugin and the ``kmodtest`` command."""

@@ -1,0 +1,169 @@
+"""The kmodtest pytest plugin: options, matrix parametrization, kernel health, failure reports.
+
+Fixtures themselves live in ``fixtures/`` and stay thin; everything they compose is here or
+below. Options are validated in ``pytest_configure`` so bad input fails before collection.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodtest.build.cache import Cache, default_cache_dir
+from kmodtest.build.cells import load_matrix
+from kmodtest.build.images import ImageBuilder
+from kmodtest.build.recipes import load_recipe
+from kmodtest.errors import KmodtestError
+from kmodtest.face.session import KmodtestSession, RouterPool, VmCase
+from kmodtest.guest.health import tail
+from kmodtest.progress import Progress
+
+SESSION_KEY = pytest.StashKey[KmodtestSession]()
+CASE_ARG = "vm_case"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kmodtest", "kmodtest router VMs")
+    group.addoption("--kernel", default=None, metavar="ID[,ID...]|all",
+                    help="matrix cell(s) from kernels/*.yaml to run on (default: the default cell)")
+    group.addoption("--arch", default=None, metavar="ARCH[,ARCH...]",
+                    help="only cells of these arches (x86_64, arm64, armhf)")
+    group.addoption("--nic", default=None, metavar="MODEL[,MODEL...]",
+                    help="only these NIC models (virtio-net-pci, e1000, ...)")
+    group.addoption("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                    help="QEMU accelerator; auto uses KVM only if a probe VM runs under it")
+    group.addoption("--icount", action="store_true",
+                    help="TCG: -icount shift=0,sleep=off (guest time follows instructions)")
+    group.addoption("--keep-logs", action="store_true",
+                    help="keep console logs of passing runs too (failing runs always keep them)")
+    group.addoption("--log-dir", default="kmodtest-logs", metavar="DIR",
+                    help="where console logs go (default: ./kmodtest-logs)")
+    group.addoption("--image-cache", dest="kmodtest_cache", default=None, metavar="DIR",
+                    help="image cache (default: $KMODTEST_CACHE or ~/.cache/kmodtest)")
+    group.addoption("--refresh-images", action="store_true",
+                    help="re-resolve Debian package versions and rebuild images that changed")
+    group.addoption("--kernels-dir", default=None, metavar="DIR",
+                    help="matrix YAML directory (default: <rootdir>/kernels)")
+    group.addoption("--images-dir", default=None, metavar="DIR",
+                    help="image recipe directory (default: <rootdir>/images)")  # fmt: skip
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def _make_session(config: pytest.Config) -> KmodtestSession | None:
+    root = config.rootpath
+    kernels_dir = Path(config.getoption("kernels_dir") or root / "kernels")
+    asked = any(config.getoption(o) for o in ("kernel", "arch", "nic", "kernels_dir"))
+    if not asked and not kernels_dir.is_dir():
+        return None  # not a kmodtest tree and no kmodtest option: stay out of the way
+    images_dir = Path(config.getoption("images_dir") or root / "images")
+    matrix = load_matrix(kernels_dir)
+    kernel_opt = config.getoption("kernel")
+    cells = matrix.select(kernel_opt, config.getoption("arch"), config.getoption("nic"))
+    for cell in cells:  # a malformed recipe fails now, not at the first test
+        load_recipe(images_dir, cell.spec.image)
+    cache = Cache(Path(config.getoption("kmodtest_cache") or default_cache_dir()))
+    log_root = Path(config.getoption("log_dir")).absolute() / _worker()
+    quiet = _worker() != "main"
+    builder = ImageBuilder(cache, images_dir, Progress(quiet=quiet))
+    pool = RouterPool(
+        builder,
+        log_root,
+        accel=config.getoption("accel"),
+        icount=config.getoption("icount"),
+        refresh_images=config.getoption("refresh_images"),
+    )
+    session = KmodtestSession(
+        matrix, cells, bool(kernel_opt), cache, pool, log_root, config.getoption("keep_logs")
+    )
+    for cell in cells:
+        if not shutil.which(cell.arch.qemu_binary):
+            why = (
+                f"{cell.arch.qemu_binary} is not installed; "
+                f"fix: apt-get install {cell.arch.qemu_package} (or bash .ci/bootstrap)"
+            )
+            if session.explicit and kernel_opt != "all":
+                raise KmodtestError(f"cell {cell.id}: {why}")
+            session.skips[cell.id] = why
+    return session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        session = _make_session(config)
+    except KmodtestError as exc:
+        raise pytest.UsageError(f"kmodtest: {exc}") from None
+    if session is not None:
+        config.stash[SESSION_KEY] = session
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return []
+    lines = [f"kmodtest cache: {session.cache.root}  logs: {session.log_root}"]
+    for cell in session.cells:
+        try:
+            image = session.pool.builder.cached(cell)
+        except KmodtestError:
+            image = None
+        version = image.kernel_version if image else "(image not built yet)"
+        skip = f"  SKIP: {session.skips[cell.id]}" if cell.id in session.skips else ""
+        lines.append(f"kmodtest cell {cell.id}: {cell.arch.name} kernel {version}{skip}")
+    return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if CASE_ARG not in metafunc.fixturenames:
+        return
+    session = metafunc.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        raise pytest.UsageError(
+            f"kmodtest: {metafunc.function.__name__} needs a router VM but no kernels/ "
+            "directory was found; pass --kernels-dir DIR"
+        )
+    per_nic = metafunc.definition.get_closest_marker("per_nic") is not None
+    wanted = metafunc.config.getoption("nic")
+    wanted_nics = [n.strip() for n in wanted.split(",")] if wanted else None
+    params = []
+    for cell in session.cells:
+        nics = [n for n in cell.spec.nics if wanted_nics is None or n in wanted_nics]
+        for nic in nics if per_nic else nics[:1]:
+            case = VmCase(cell, nic, per_nic)
+            marks = [pytest.mark.skip(reason=session.skips[cell.id])] if cell.id in session.skips else []
+            params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize(CASE_ARG, params, scope="session")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    vm = getattr(item, "funcargs", {}).get("router")
+    if vm is None or report.when not in ("call", "setup"):
+        return
+    if report.when == "call":
+        problem = vm.health()
+        if problem is not None:
+            vm.tainted = f"kernel health: {problem.pattern}"
+            report.outcome = "failed"
+            report.longrepr = (
+                f"kmodtest: the kernel reported a problem during this test "
+                f"(the VM will be replaced)\n{problem}\nconsole log: {vm.console_log}"
+            )
+    if report.failed:
+        report.sections.append(
+            ("kmodtest console", f"console log: {vm.console_log}\n{tail(vm.console_log)}")
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is not None:
+        state.finish(failed=exitstatus not in (0, 5) or session.testsfailed > 0)

@@ -1,0 +1,111 @@
+"""Per-run state shared by the plugin and the fixtures: selected cells, images, running VMs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodtest.build.cache import Cache
+from kmodtest.build.cells import Cell, Matrix
+from kmodtest.build.images import Image, ImageBuilder
+from kmodtest.guest.router import RouterVM
+from kmodtest.run.accel import AccelChoice, choose_accel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VmCase:
+    """What a VM test runs on: a cell and the NIC model its router uses."""
+
+    cell: Cell
+    nic: str
+    per_nic: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.cell.id}-{self.nic}" if self.per_nic else self.cell.id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.cell.id, self.nic)
+
+
+@dataclass
+class RouterPool:
+    """Boots a router per (cell, NIC) once and reuses it; holds at most one VM at a time.
+
+    Tests are grouped by case (pytest orders session-scoped parameters that way), so a worker
+    boots each kernel once; holding one VM keeps a 2-core machine from thrashing.
+    """
+
+    builder: ImageBuilder
+    log_root: Path
+    accel: str = "auto"
+    icount: bool = False
+    refresh_images: bool = False
+    current: RouterVM | None = None
+    boots: int = 0
+    images: dict[str, Image] = field(default_factory=dict)
+    accels: dict[str, AccelChoice] = field(default_factory=dict)
+
+    def image(self, cell: Cell) -> Image:
+        if cell.id not in self.images:
+            self.images[cell.id] = self.builder.get(cell, refresh=self.refresh_images)
+        return self.images[cell.id]
+
+    def accel_for(self, cell: Cell) -> AccelChoice:
+        if cell.arch.name not in self.accels:
+            self.accels[cell.arch.name] = choose_accel(cell.arch, self.accel)
+        return self.accels[cell.arch.name]
+
+    def acquire(self, case: VmCase) -> RouterVM:
+        vm = self.current
+        if vm is not None and (vm.cell.id, vm.topology.nic_model) == case.key and not vm.tainted:
+            try:
+                vm.reset()
+                return vm
+            except Exception as exc:  # a broken reset means a broken VM: boot a new one
+                log.warning("reset of %s failed, rebooting: %s", vm.spec.name, exc)
+                vm.tainted = f"reset failed: {exc}"
+        self.stop_current()
+        image = self.image(case.cell)
+        self.boots += 1
+        log_dir = self.log_root / f"{case.cell.id}-{case.nic}-boot{self.boots}"
+        vm = RouterVM.create(
+            case.cell, image, case.nic, log_dir, self.accel_for(case.cell).accel, self.icount
+        )
+        self.current = vm.start()
+        return vm
+
+    def release(self, vm: RouterVM) -> None:
+        if vm.tainted or not vm.alive:
+            log.info("replacing %s: %s", vm.spec.name, vm.tainted or "QEMU exited")
+            if vm is self.current:
+                self.stop_current()
+            else:
+                vm.stop()
+
+    def stop_current(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@dataclass
+class KmodtestSession:
+    matrix: Matrix
+    cells: list[Cell]
+    explicit: bool  # the user named cells with --kernel (missing QEMU is then an error)
+    cache: Cache
+    pool: RouterPool
+    log_root: Path
+    keep_logs: bool
+    skips: dict[str, str] = field(default_factory=dict)  # cell id -> why it cannot run here
+
+    def finish(self, failed: bool) -> None:
+        self.pool.stop_current()
+        if not failed and not self.keep_logs:
+            shutil.rmtree(self.log_root, ignore_errors=True)

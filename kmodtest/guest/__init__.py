@@ -1,0 +1,1 @@
+"""Guest stage: the agent channel, the testinfra backend, kernel health and topology."""

@@ -1,0 +1,162 @@
+"""A booted router VM: QEMU process + agent channel + testinfra Host + console watch.
+
+This is the object fixtures hand to tests. It knows how to boot (with a deadline, failing fast
+if QEMU or the kernel dies), how to put the network back between tests, and how to report its
+kernel's health.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import testinfra.host
+
+from kmodtest.build.cells import Cell
+from kmodtest.build.images import Image
+from kmodtest.errors import ChannelError, MachineError
+from kmodtest.guest.backend import make_host
+from kmodtest.guest.channel import AgentChannel, Reply
+from kmodtest.guest.health import ConsoleWatch, HealthProblem, tail
+from kmodtest.guest.topology import Topology
+from kmodtest.run.machine import MachineSpec
+from kmodtest.run.qemu import QemuProcess
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
+
+
+def kernel_cmdline(cell: Cell) -> str:
+    # loglevel=5 keeps boot chatter off the (slow, emulated) serial line but still prints
+    # WARNING/BUG/Oops splats, which the health check reads from the console log.
+    return f"console={cell.arch.console} panic=-1 loglevel=5 rdinit=/init"
+
+
+@dataclass
+class RouterVM:
+    cell: Cell
+    image: Image
+    topology: Topology
+    spec: MachineSpec
+    qemu: QemuProcess | None = None
+    channel: AgentChannel | None = None
+    host: testinfra.host.Host | None = None
+    watch: ConsoleWatch | None = None
+    boot_seconds: float = 0.0
+    tainted: str | None = None  # why this VM must not be reused
+    _run_dir_owned: bool = field(default=True, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        cell: Cell,
+        image: Image,
+        nic_model: str,
+        log_dir: Path,
+        accel: str = "tcg",
+        icount: bool = False,
+    ) -> RouterVM:
+        run_dir = Path(tempfile.mkdtemp(prefix="kt-"))  # short: unix socket path limit
+        topology = Topology(nic_model)
+        spec = MachineSpec(
+            name=f"{cell.id}-{nic_model}",
+            arch=cell.arch,
+            machine=cell.machine,
+            cpu=cell.cpu,
+            memory_mb=cell.spec.memory_mb,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=kernel_cmdline(cell),
+            run_dir=run_dir,
+            log_dir=log_dir,
+            accel=accel,
+            icount=icount,
+            nics=topology.nics(run_dir),
+        )
+        return cls(cell, image, topology, spec)
+
+    @property
+    def console_log(self) -> Path:
+        return self.spec.console_log
+
+    @property
+    def alive(self) -> bool:
+        return self.qemu is not None and self.qemu.alive
+
+    def start(self, timeout: float = BOOT_TIMEOUT) -> RouterVM:
+        """Boot and wait for the first command to answer; on any failure nothing is left running."""
+        start = time.monotonic()
+        self.qemu = QemuProcess.start(self.spec)
+        self.watch = ConsoleWatch(self.console_log)
+        self.channel = AgentChannel(self.spec.agent_socket, alive=lambda: self.alive)
+        try:
+            self.channel.connect(timeout=30)
+            self.channel.run("true", timeout=timeout)
+            self.boot_seconds = time.monotonic() - start
+            self.host = make_host(self.channel, self.spec.name)
+            self.check(self.topology.setup_script(), timeout=60)
+        except (ChannelError, MachineError) as exc:
+            why = self._death_note()
+            self.stop()
+            raise MachineError(
+                f"{self.spec.name} did not come up: {exc.problem}{why}",
+                f"see {self.console_log} and {self.spec.log_dir / 'qemu.stderr'}",
+            ) from None
+        except BaseException:
+            self.stop()
+            raise
+        log.info("%s up in %.2f s", self.spec.name, self.boot_seconds)
+        return self
+
+    def _death_note(self) -> str:
+        parts = []
+        if self.qemu is not None and not self.qemu.alive:
+            parts.append(f"\nQEMU exited with {self.qemu.proc.returncode}")
+            if err := self.qemu.stderr_text():
+                parts.append(f"QEMU said: {err[-800:]}")
+        parts.append(f"last console lines:\n{tail(self.console_log)}")
+        return "\n".join(parts)
+
+    def run(self, command: str, timeout: float = 120.0) -> Reply:
+        if self.channel is None:
+            raise MachineError(f"{self.spec.name} is not running")
+        return self.channel.run(command, timeout=timeout)
+
+    def check(self, command: str, timeout: float = 120.0) -> str:
+        """Run a command that must succeed; raise with its output if it does not."""
+        reply = self.run(command, timeout)
+        if reply.exit_status != 0:
+            raise MachineError(
+                f"guest command failed (exit {reply.exit_status}): {command.strip()[:300]}\n"
+                f"stdout: {reply.stdout.decode(errors='replace')[-1500:]}\n"
+                f"stderr: {reply.stderr.decode(errors='replace')[-1500:]}"
+            )
+        return reply.stdout.decode(errors="replace")
+
+    def reset(self) -> None:
+        """Between tests: flush ruleset and conntrack, restore links, addresses and routes."""
+        self.check(self.topology.reset_script(), timeout=60)
+
+    def health(self) -> HealthProblem | None:
+        if self.watch is None:
+            return None
+        problem = self.watch.scan()
+        if problem is None and not self.alive:
+            return HealthProblem("QEMU exited", tail(self.console_log))
+        return problem
+
+    def kernel_release(self) -> str:
+        return self.check("uname -r").strip()
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.qemu is not None:
+            self.qemu.stop()
+        if self._run_dir_owned:
+            shutil.rmtree(self.spec.run_dir, ignore_errors=True)

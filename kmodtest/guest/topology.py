@@ -1,0 +1,133 @@
+"""The default test network, all inside one VM: client -- router -- server.
+
+The router owns ``lan`` and ``wan``; the client and server are network namespaces, each with
+its own emulated NIC wired to the router's by a QEMU dgram link, so traffic really crosses the
+NIC drivers (and the flowtable sees real ingress devices) without root on the host.
+Addresses are from the documentation ranges (RFC 5737 / RFC 3849): nothing leaves the VM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodtest.run.machine import DgramLink, Nic
+
+# the guest driver for each QEMU NIC model, loaded before the NICs are looked up
+NIC_DRIVERS = {
+    "virtio-net-pci": "virtio_net",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "igb": "igb",
+    "rtl8139": "8139cp",
+}
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str  # interface name in the guest
+    netns: str | None  # None: the router's own namespace
+    mac: str
+    ipv4: str  # address/prefix
+    ipv6: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One Ethernet link: a router port and the endpoint port facing it."""
+
+    name: str
+    router: Port
+    endpoint: Port
+
+
+LAN = Segment(
+    "lan",
+    Port("lan", None, "52:54:00:6b:00:01", "192.0.2.1/24", "2001:db8:1::1/64"),
+    Port("eth0", "client", "52:54:00:6b:01:01", "192.0.2.2/24", "2001:db8:1::2/64"),
+)
+WAN = Segment(
+    "wan",
+    Port("wan", None, "52:54:00:6b:00:02", "198.51.100.1/24", "2001:db8:2::1/64"),
+    Port("eth0", "server", "52:54:00:6b:02:01", "198.51.100.2/24", "2001:db8:2::2/64"),
+)
+
+
+def _addr(port: Port) -> str:
+    return port.ipv4.split("/")[0]
+
+
+def _addr6(port: Port) -> str:
+    return port.ipv6.split("/")[0]
+
+
+@dataclass(frozen=True)
+class Topology:
+    nic_model: str
+    segments: tuple[Segment, ...] = (LAN, WAN)
+
+    @property
+    def client(self) -> Port:
+        return self.segments[0].endpoint
+
+    @property
+    def server(self) -> Port:
+        return self.segments[1].endpoint
+
+    @property
+    def router_ports(self) -> tuple[Port, ...]:
+        return tuple(s.router for s in self.segments)
+
+    def nics(self, run_dir: Path) -> tuple[Nic, ...]:
+        out = []
+        for seg in self.segments:
+            a, b = run_dir / f"{seg.name}-r.sock", run_dir / f"{seg.name}-e.sock"
+            out.append(Nic(seg.router.name, self.nic_model, seg.router.mac, DgramLink(a, b)))
+            out.append(
+                Nic(f"{seg.name}-{seg.endpoint.netns}", self.nic_model, seg.endpoint.mac,
+                    DgramLink(b, a))
+            )  # fmt: skip
+        return tuple(out)
+
+    def setup_script(self) -> str:
+        """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`."""
+        lines = [
+            "set -e",
+            f"modprobe {NIC_DRIVERS[self.nic_model]}",
+            'byaddr() { for i in /sys/class/net/*; do '
+            '[ "$(cat $i/address)" = "$1" ] && echo "${i##*/}"; done; return 0; }',
+        ]
+        for seg in self.segments:
+            r, e = seg.router, seg.endpoint
+            lines += [
+                f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC with MAC {r.mac}" >&2; exit 1; }}',
+                f'[ "$i" = {r.name} ] || ip link set dev "$i" name {r.name}',
+                f"ip netns add {e.netns}",
+                f"ip -n {e.netns} link set lo up",
+                f'i=$(byaddr {e.mac}); [ -n "$i" ] || {{ echo "no NIC with MAC {e.mac}" >&2; exit 1; }}',
+                f'ip link set dev "$i" netns {e.netns}',
+                f'ip -n {e.netns} link set dev "$i" name {e.name}',
+            ]
+        return "\n".join(lines) + "\n" + self.reset_script()
+
+    def reset_script(self) -> str:
+        """Bring the network back to its known state: no rules, no flows, addresses, routes."""
+        lines = [
+            "nft flush ruleset",
+            "conntrack -F >/dev/null 2>&1 || true",
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        ]
+        for seg in self.segments:
+            r, e = seg.router, seg.endpoint
+            ns = f"ip -n {e.netns}"
+            lines += [
+                f"ip link set dev {r.name} mtu 1500 up",
+                f"ip addr replace {r.ipv4} dev {r.name}",
+                f"ip addr replace {r.ipv6} dev {r.name} nodad",
+                f"{ns} link set dev {e.name} mtu 1500 up",
+                f"{ns} addr replace {e.ipv4} dev {e.name}",
+                f"{ns} addr replace {e.ipv6} dev {e.name} nodad",
+                f"{ns} route replace default via {_addr(r)}",
+                f"{ns} -6 route replace default via {_addr6(r)}",
+            ]
+        return "\n".join(lines) + "\n"

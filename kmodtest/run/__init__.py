@@ -1,0 +1,1 @@
+"""Run stage: machine descriptions, QEMU launcher, accelerator choice, child processes."""

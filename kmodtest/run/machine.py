@@ -1,0 +1,63 @@
+"""What a VM is, independent of how it is launched.
+
+A :class:`MachineSpec` is plain data (cpu, memory, kernel, initrd, NICs and their links, the
+agent channel, the console); launchers turn it into a QEMU argv today and into libvirt domain
+XML later. It can be checked without booting anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodtest.build.arches import Arch
+
+
+@dataclass(frozen=True)
+class DgramLink:
+    """One end of a point-to-point Ethernet link: QEMU ``-netdev dgram`` over unix sockets.
+
+    Unix datagram sockets need no root and no free port numbers, so parallel VMs (pytest-xdist)
+    can never collide as long as their run directories differ.
+    """
+
+    local: Path
+    remote: Path
+
+
+@dataclass(frozen=True)
+class Nic:
+    name: str  # role and guest interface name: lan, wan, client0, server0
+    model: str  # QEMU device model: virtio-net-pci, e1000, ...
+    mac: str
+    link: DgramLink
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    arch: Arch
+    machine: str
+    cpu: str
+    memory_mb: int
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    run_dir: Path  # sockets; keep the path short (unix socket paths are <= 107 bytes)
+    log_dir: Path  # console log and friends; survives the VM
+    accel: str = "tcg"  # "kvm" or "tcg"
+    smp: int = 1
+    icount: bool = False  # -icount shift=0,sleep=off: guest time follows instructions
+    nics: tuple[Nic, ...] = field(default=())
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"

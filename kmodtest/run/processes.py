@@ -1,0 +1,85 @@
+"""Every child process kmodtest starts is registered here and killed and reaped on any exit.
+
+Three layers, so no QEMU outlives the test run:
+1. the kernel kills the child when its parent dies (``PR_SET_PDEATHSIG``), even on SIGKILL;
+2. an ``atexit`` hook kills whatever is still registered on a normal interpreter exit;
+3. SIGTERM/SIGHUP are turned into ``SystemExit`` so pytest unwinds its fixtures first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_children: set[subprocess.Popen[bytes]] = set()
+_lock = threading.Lock()
+_signals_installed = False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the atexit layer still applies
+        pass
+
+
+def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as a registered child that dies with us."""
+    install_signal_handlers()
+    proc = subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kwargs)
+    with _lock:
+        _children.add(proc)
+    return proc
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL; always reap and unregister."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(grace)
+    finally:
+        with _lock:
+            _children.discard(proc)
+    return proc.returncode
+
+
+def running() -> list[subprocess.Popen[bytes]]:
+    with _lock:
+        return [p for p in _children if p.poll() is None]
+
+
+def kill_all() -> None:
+    for proc in list(_children):
+        terminate(proc, grace=1.0)
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM/SIGHUP unwind like SIGINT does (main thread only; idempotent)."""
+    global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _raise_exit)
+    _signals_installed = True
+
+
+atexit.register(kill_all)

@@ -1,0 +1,103 @@
+"""The QEMU launcher: :class:`MachineSpec` -> argv, and a running :class:`QemuProcess`."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from kmodtest.errors import MachineError
+from kmodtest.run import processes
+from kmodtest.run.machine import MachineSpec
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT_NAME = "org.kmodtest.agent"
+
+
+def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
+    """The full command line; deterministic, so it is tested as a golden value."""
+    argv = [
+        binary or spec.arch.qemu_binary,
+        "-name", spec.name,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", spec.machine,
+        "-accel", spec.accel,
+        "-cpu", "host" if spec.accel == "kvm" else spec.cpu,
+        "-smp", str(spec.smp),
+        "-m", str(spec.memory_mb),
+        "-kernel", str(spec.kernel),
+        "-append", spec.cmdline,
+    ]  # fmt: skip
+    if spec.initrd:
+        argv += ["-initrd", str(spec.initrd)]
+    if spec.icount and spec.accel == "tcg":
+        argv += ["-icount", "shift=0,sleep=off"]
+    argv += [
+        "-chardev", f"file,id=console,path={spec.console_log}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
+    for nic in spec.nics:
+        argv += [
+            "-netdev",
+            f"dgram,id={nic.name},local.type=unix,local.path={nic.link.local},"
+            f"remote.type=unix,remote.path={nic.link.remote}",
+            "-device",
+            # romfile= skips the PXE option ROM: nothing network-boots, and it saves boot time
+            f"{nic.model},netdev={nic.name},mac={nic.mac},romfile=",
+        ]
+    argv += spec.arch.extra_args
+    return argv
+
+
+def find_qemu(spec: MachineSpec) -> str:
+    path = shutil.which(spec.arch.qemu_binary)
+    if not path:
+        raise MachineError(
+            f"{spec.arch.qemu_binary} is not installed (needed for {spec.arch.name} cells)",
+            f"install it: apt-get install {spec.arch.qemu_package}  (or run: bash .ci/bootstrap)",
+        )
+    return path
+
+
+@dataclass
+class QemuProcess:
+    """A started QEMU; ``stop()`` always kills and reaps it."""
+
+    spec: MachineSpec
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, spec: MachineSpec) -> QemuProcess:
+        binary = find_qemu(spec)
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = qemu_argv(spec, binary)
+        (spec.log_dir / "qemu.argv").write_text(" ".join(argv) + "\n")
+        stderr = open(spec.log_dir / "qemu.stderr", "wb")
+        log.info("starting %s: %s", spec.name, " ".join(argv))
+        try:
+            proc = processes.spawn(
+                argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT
+            )
+        finally:
+            stderr.close()
+        return cls(spec, proc)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_text(self) -> str:
+        try:
+            return (self.spec.log_dir / "qemu.stderr").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        return processes.terminate(self.proc)
