@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
     for cell in cells:  # a malformed recipe fails now, not at the first test
         load_recipe(images_dir, cell.spec.image)
     cache = Cache(Path(config.getoption("kmodtest_cache") or default_cache_dir()))
-    log_root = Path(config.getoption("log_dir")).absolute() / _worker()
+    # one directory per run and worker: concurrent runs in one checkout never share logs
+    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{_worker()}-{os.getpid()}"
+    log_root = Path(config.getoption("log_dir")).absolute() / run_name
     quiet = _worker() != "main"
     builder = ImageBuilder(cache, images_dir, Progress(quiet=quiet))
     pool = RouterPool(
