@@ -62,7 +62,9 @@ class CellSpec(_Strict):
     @classmethod
     def _id_shape(cls, value: str) -> str:
         if not _ID.match(value):
-            raise ValueError("use lowercase letters, digits, '.' and '-' (e.g. debian-trixie-amd64)")
+            raise ValueError(
+                "use lowercase letters, digits, '.' and '-' (like debian-trixie-amd64)"
+            )
         return value
 
     @field_validator("arch")

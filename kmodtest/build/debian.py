@@ -53,7 +53,7 @@ def fetch(
         "--variant=extract",
         f"--architectures={debian_arch}",
         f"--include={','.join(packages)}",
-        f"--extract-hook=ls \"$1\"/var/cache/apt/archives/ > \"$1\"/{_DEBS_LIST}",
+        f'--extract-hook=ls "$1"/var/cache/apt/archives/ > "$1"/{_DEBS_LIST}',
         *[f"--aptopt={opt}" for opt in apt_options],
         suite,
         str(tarball),

@@ -36,7 +36,7 @@ def depmod(root: Path, version: str) -> None:
 
 
 def closure(root: Path, version: str, wanted: list[str], optional: list[str]) -> ModuleSet:
-    """Files needed to load ``wanted`` and ``optional`` modules; a missing ``wanted`` is an error."""
+    """Files needed to load ``wanted`` and ``optional`` modules; missing ``wanted`` is an error."""
     tool = require_tool("modprobe", "kmod")
     out = ModuleSet()
     for name in [*wanted, *optional]:

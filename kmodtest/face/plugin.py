@@ -29,28 +29,70 @@ CASE_ARG = "vm_case"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kmodtest", "kmodtest router VMs")
-    group.addoption("--kernel", default=None, metavar="ID[,ID...]|all",
-                    help="matrix cell(s) from kernels/*.yaml to run on (default: the default cell)")
-    group.addoption("--arch", default=None, metavar="ARCH[,ARCH...]",
-                    help="only cells of these arches (x86_64, arm64, armhf)")
-    group.addoption("--nic", default=None, metavar="MODEL[,MODEL...]",
-                    help="only these NIC models (virtio-net-pci, e1000, ...)")
-    group.addoption("--accel", default="auto", choices=("auto", "kvm", "tcg"),
-                    help="QEMU accelerator; auto uses KVM only if a probe VM runs under it")
-    group.addoption("--icount", action="store_true",
-                    help="TCG: -icount shift=0,sleep=off (guest time follows instructions)")
-    group.addoption("--keep-logs", action="store_true",
-                    help="keep console logs of passing runs too (failing runs always keep them)")
-    group.addoption("--log-dir", default="kmodtest-logs", metavar="DIR",
-                    help="where console logs go (default: ./kmodtest-logs)")
-    group.addoption("--image-cache", dest="kmodtest_cache", default=None, metavar="DIR",
-                    help="image cache (default: $KMODTEST_CACHE or ~/.cache/kmodtest)")
-    group.addoption("--refresh-images", action="store_true",
-                    help="re-resolve Debian package versions and rebuild images that changed")
-    group.addoption("--kernels-dir", default=None, metavar="DIR",
-                    help="matrix YAML directory (default: <rootdir>/kernels)")
-    group.addoption("--images-dir", default=None, metavar="DIR",
-                    help="image recipe directory (default: <rootdir>/images)")  # fmt: skip
+    group.addoption(
+        "--kernel",
+        default=None,
+        metavar="ID[,ID...]|all",
+        help="matrix cell(s) from kernels/*.yaml to run on (default: the default cell)",
+    )
+    group.addoption(
+        "--arch",
+        default=None,
+        metavar="ARCH[,ARCH...]",
+        help="only cells of these arches (x86_64, arm64, armhf)",
+    )
+    group.addoption(
+        "--nic",
+        default=None,
+        metavar="MODEL[,MODEL...]",
+        help="only these NIC models (virtio-net-pci, e1000, ...)",
+    )
+    group.addoption(
+        "--accel",
+        default="auto",
+        choices=("auto", "kvm", "tcg"),
+        help="QEMU accelerator; auto uses KVM only if a probe VM runs under it",
+    )
+    group.addoption(
+        "--icount",
+        action="store_true",
+        help="TCG: -icount shift=0,sleep=off (guest time follows instructions)",
+    )
+    group.addoption(
+        "--keep-logs",
+        action="store_true",
+        help="keep console logs of passing runs too (failing runs always keep them)",
+    )
+    group.addoption(
+        "--log-dir",
+        default="kmodtest-logs",
+        metavar="DIR",
+        help="where console logs go (default: ./kmodtest-logs)",
+    )
+    group.addoption(
+        "--image-cache",
+        dest="kmodtest_cache",
+        default=None,
+        metavar="DIR",
+        help="image cache (default: $KMODTEST_CACHE or ~/.cache/kmodtest)",
+    )
+    group.addoption(
+        "--refresh-images",
+        action="store_true",
+        help="re-resolve Debian package versions and rebuild images that changed",
+    )
+    group.addoption(
+        "--kernels-dir",
+        default=None,
+        metavar="DIR",
+        help="matrix YAML directory (default: <rootdir>/kernels)",
+    )
+    group.addoption(
+        "--images-dir",
+        default=None,
+        metavar="DIR",
+        help="image recipe directory (default: <rootdir>/images)",
+    )
 
 
 def _worker() -> str:
@@ -139,7 +181,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         nics = [n for n in cell.spec.nics if wanted_nics is None or n in wanted_nics]
         for nic in nics if per_nic else nics[:1]:
             case = VmCase(cell, nic, per_nic)
-            marks = [pytest.mark.skip(reason=session.skips[cell.id])] if cell.id in session.skips else []
+            skip = session.skips.get(cell.id)
+            marks = [pytest.mark.skip(reason=skip)] if skip else []
             params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize(CASE_ARG, params, scope="session")
 

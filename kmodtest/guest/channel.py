@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kmodtest.errors import ChannelError, CommandTimeout
 
@@ -39,45 +40,73 @@ class Reply:
     timed_out: bool = False
 
 
-class AgentChannel:
-    """A connection to the agent over QEMU's unix socket chardev."""
+class Transport(Protocol):
+    """A byte stream to the agent: QEMU's unix socket here, a pty in the unit tests."""
 
-    def __init__(self, path: Path, alive: Callable[[], bool] = lambda: True) -> None:
-        self.path = path
-        self.alive = alive
-        self._sock: socket.socket | None = None
-        self._buf = bytearray()
-        self._ids = itertools.count(1)
-        self._pending_body = 0  # body bytes of a reply whose header a timed-out call consumed
+    def send(self, data: bytes) -> None: ...
 
-    def connect(self, timeout: float) -> None:
+    def recv(self, timeout: float) -> bytes | None:
+        """Up to 1 MiB; ``None`` if nothing came within ``timeout``; ``b""`` at end of stream."""
+
+    def close(self) -> None: ...
+
+
+class UnixSocketTransport:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, path: Path, timeout: float, alive: Callable[[], bool]) -> UnixSocketTransport:
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(self.path))
-                self._sock = sock
-                return
+                sock.connect(str(path))
+                return cls(sock)
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
-                if not self.alive():
+                if not alive():
                     raise ChannelError("QEMU exited before its agent socket appeared") from None
                 if time.monotonic() > deadline:
-                    raise ChannelError(f"agent socket {self.path} did not appear") from None
+                    raise ChannelError(f"agent socket {path} did not appear") from None
                 time.sleep(0.01)
 
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, timeout: float) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1 << 20)
+        except TimeoutError:
+            return None
+
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self.sock.close()
+
+
+class AgentChannel:
+    """Request/response over a :class:`Transport`; at most one request in flight."""
+
+    def __init__(self, transport: Transport, alive: Callable[[], bool] = lambda: True) -> None:
+        self.transport = transport
+        self.alive = alive
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+        self._pending_body = 0  # body bytes of a reply whose header a timed-out call consumed
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
 
     def run(self, command: str, timeout: float = 60.0) -> Reply:
-        if self._sock is None:
-            raise ChannelError("agent channel is not connected")
+        if self.closed:
+            raise ChannelError("agent channel is closed")
         req_id = next(self._ids)
         guest_timeout = max(1, math.ceil(timeout))
-        payload = encode_command(command)
-        self._sock.sendall(f"{req_id} {guest_timeout} {payload}\n".encode())
+        self.transport.send(f"{req_id} {guest_timeout} {encode_command(command)}\n".encode())
         deadline = time.monotonic() + HOST_FACTOR * timeout + REPLY_MARGIN
         while True:
             if self._pending_body:
@@ -97,24 +126,21 @@ class AgentChannel:
             if reply.timed_out:
                 raise CommandTimeout(
                     f"guest command killed after {guest_timeout} s: {command[:200]!r}\n"
-                    f"stdout so far: {reply.stdout[-500:]!r}\nstderr so far: {reply.stderr[-500:]!r}",
+                    f"stdout so far: {reply.stdout[-500:]!r}\n"
+                    f"stderr so far: {reply.stderr[-500:]!r}",
                     "pass a larger timeout= if the command legitimately takes longer",
                 )
             return reply
-            # a late reply to an earlier, timed-out request: drop it and keep reading
 
     def _fill(self, deadline: float, command: str) -> None:
-        assert self._sock is not None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CommandTimeout(f"guest command timed out: {command[:200]!r}")
-            self._sock.settimeout(min(remaining, 0.5))
-            try:
-                chunk = self._sock.recv(1 << 20)
-            except TimeoutError:
+                raise CommandTimeout(f"no reply from the guest agent in time: {command[:200]!r}")
+            chunk = self.transport.recv(min(remaining, 0.5))
+            if chunk is None:
                 if not self.alive():
-                    raise ChannelError("QEMU exited while a command was running") from None
+                    raise ChannelError("QEMU exited while a command was running")
                 continue
             if not chunk:
                 raise ChannelError("agent channel closed by QEMU")

@@ -94,17 +94,17 @@ class Topology:
         lines = [
             "set -e",
             f"modprobe {NIC_DRIVERS[self.nic_model]}",
-            'byaddr() { for i in /sys/class/net/*; do '
+            "byaddr() { for i in /sys/class/net/*; do "
             '[ "$(cat $i/address)" = "$1" ] && echo "${i##*/}"; done; return 0; }',
         ]
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
             lines += [
-                f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC with MAC {r.mac}" >&2; exit 1; }}',
+                f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC {r.mac}" >&2; exit 1; }}',
                 f'[ "$i" = {r.name} ] || ip link set dev "$i" name {r.name}',
                 f"ip netns add {e.netns}",
                 f"ip -n {e.netns} link set lo up",
-                f'i=$(byaddr {e.mac}); [ -n "$i" ] || {{ echo "no NIC with MAC {e.mac}" >&2; exit 1; }}',
+                f'i=$(byaddr {e.mac}); [ -n "$i" ] || {{ echo "no NIC {e.mac}" >&2; exit 1; }}',
                 f'ip link set dev "$i" netns {e.netns}',
                 f'ip -n {e.netns} link set dev "$i" name {e.name}',
             ]

@@ -39,7 +39,7 @@ def _x86_probe_bios() -> bytes:
     return bytes(image)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kvm_probe(qemu_binary: str) -> str | None:
     """None if a KVM guest ran to completion, else why not."""
     binary = shutil.which(qemu_binary)

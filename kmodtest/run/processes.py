@@ -9,6 +9,7 @@ Three layers, so no QEMU outlives the test run:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import signal
@@ -26,10 +27,8 @@ _signals_installed = False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: atexit still applies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the atexit layer still applies
-        pass
 
 
 def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:

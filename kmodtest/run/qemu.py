@@ -79,14 +79,11 @@ class QemuProcess:
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         argv = qemu_argv(spec, binary)
         (spec.log_dir / "qemu.argv").write_text(" ".join(argv) + "\n")
-        stderr = open(spec.log_dir / "qemu.stderr", "wb")
         log.info("starting %s: %s", spec.name, " ".join(argv))
-        try:
+        with open(spec.log_dir / "qemu.stderr", "wb") as stderr:
             proc = processes.spawn(
                 argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT
             )
-        finally:
-            stderr.close()
         return cls(spec, proc)
 
     @property

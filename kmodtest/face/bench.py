@@ -1,0 +1,96 @@
+"""``kmodtest bench``: the figures behind the speed targets, printed, never asserted.
+
+Targets (TCG, this 2-core machine): boot-to-first-command <= 2.5 s, command round trip
+<= 5 ms median, reset <= 0.3 s. Absolute times are noisy here; compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kmodtest.build.cache import Cache
+from kmodtest.build.cells import Cell
+from kmodtest.build.images import ImageBuilder
+from kmodtest.face.session import RouterPool, VmCase
+from kmodtest.progress import Progress
+from kmodtest.run.accel import choose_accel
+
+console = Console()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, table: Table) -> None:
+    def row(figure: str, value: str, target: str = "") -> None:
+        table.add_row(cell.id, figure, value, target)
+
+    if not args.no_cold:
+        with tempfile.TemporaryDirectory(prefix="kmodtest-bench-") as tmp:
+            cold = ImageBuilder(Cache(Path(tmp)), builder.images_dir, Progress())
+            row("image build, cold (fetch + assemble)", f"{_timed(lambda: cold.get(cell)):.1f} s")
+    builder.get(cell)  # make sure the shared cache has it
+    cached = statistics.median(_timed(lambda: builder.get(cell)) for _ in range(5))
+    row("image build, cached", f"{cached * 1000:.1f} ms")
+
+    accel = choose_accel(cell.arch, args.accel)
+    row("accelerator", f"{accel.accel} ({accel.reason})")
+    with tempfile.TemporaryDirectory(prefix="kmodtest-bench-logs-") as logs:
+        pool = RouterPool(builder, Path(logs), accel=accel.accel)
+        case = VmCase(cell, cell.spec.nics[0])
+        try:
+            boots, setups = [], []
+            for _ in range(args.boots):
+                pool.stop_current()
+                setups.append(_timed(lambda: pool.acquire(case)))
+                assert pool.current is not None
+                boots.append(pool.current.boot_seconds)
+            vm = pool.current
+            assert vm is not None
+            row(f"boot to first command (median of {len(boots)})",
+                f"{statistics.median(boots):.2f} s", "<= 2.5 s")  # fmt: skip
+            row("boot + network setup (median)", f"{statistics.median(setups):.2f} s")
+            rtts = [_timed(lambda: vm.run("true")) for _ in range(args.commands)]
+            row(f"round trip `true`, median of {len(rtts)}",
+                f"{statistics.median(rtts) * 1000:.1f} ms", "<= 5 ms")  # fmt: skip
+            row("round trip `true`, p95", f"{_pct(rtts, 0.95) * 1000:.1f} ms")
+            nft = [_timed(lambda: vm.run("nft list ruleset")) for _ in range(20)]
+            row("round trip `nft list ruleset`, median", f"{statistics.median(nft) * 1000:.1f} ms")
+            resets = [_timed(vm.reset) for _ in range(args.resets)]
+            row(f"reset, median of {len(resets)}", f"{statistics.median(resets):.3f} s", "<= 0.3 s")
+
+            def reuse() -> None:  # what the router fixture does around each test
+                again = pool.acquire(case)
+                assert again.watch is not None
+                again.watch.mark()
+                again.health()
+                pool.release(again)
+
+            overhead = [_timed(reuse) for _ in range(args.resets)]
+            row("per-test overhead with VM reuse (median)", f"{statistics.median(overhead):.3f} s")
+        finally:
+            pool.stop_current()
+
+
+def run_bench(args: argparse.Namespace, cells: list[Cell], builder: ImageBuilder) -> int:
+    table = Table("cell", "figure", "value", "target")
+    for cell in cells:
+        _bench_cell(args, cell, builder, table)
+    console.print(table)
+    return 0

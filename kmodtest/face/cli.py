@@ -1,0 +1,155 @@
+"""The ``kmodtest`` command: list and export the matrix, build images, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kmodtest.build.cache import Cache, default_cache_dir
+from kmodtest.build.cells import Cell, Matrix, load_matrix
+from kmodtest.build.images import ImageBuilder
+from kmodtest.errors import KmodtestError
+from kmodtest.progress import Progress
+
+console = Console()
+
+
+def _add_selectors(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: all)")
+    parser.add_argument("--arch", help="only these arches")
+    parser.add_argument("--nic", help="only cells offering these NIC models")
+    parser.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
+    parser.add_argument("--images-dir", type=Path, default=Path("images"))
+    parser.add_argument("--image-cache", type=Path, default=None,
+                        help="default: $KMODTEST_CACHE or ~/.cache/kmodtest")  # fmt: skip
+
+
+def _select(args: argparse.Namespace, default_all: bool = True) -> tuple[Matrix, list[Cell]]:
+    matrix = load_matrix(args.kernels_dir)
+    kernel = args.kernel or ("all" if default_all else None)
+    return matrix, matrix.select(kernel, args.arch, args.nic)
+
+
+def _builder(args: argparse.Namespace, quiet: bool = False) -> ImageBuilder:
+    cache = Cache(args.image_cache or default_cache_dir())
+    return ImageBuilder(cache, args.images_dir, Progress(quiet=quiet))
+
+
+def cmd_cells(args: argparse.Namespace) -> int:
+    _matrix, cells = _select(args)
+    builder = _builder(args, quiet=True)
+    table = Table("cell", "arch", "source", "NICs", "default", "ci", "cached kernel")
+    for cell in cells:
+        src = cell.spec.source
+        image = builder.cached(cell)
+        table.add_row(
+            cell.id,
+            cell.arch.name,
+            f"{src.kind}:{getattr(src, 'suite', '')}",
+            ",".join(cell.spec.nics),
+            "yes" if cell.spec.default else "",
+            "yes" if cell.spec.ci else "",
+            image.kernel_version if image else "-",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """The selected cells as JSON for a GitHub Actions ``matrix: ${{ fromJSON(...) }}``."""
+    _matrix, cells = _select(args)
+    if args.ci:
+        cells = [c for c in cells if c.spec.ci]
+    if args.exclude_default:
+        cells = [c for c in cells if not c.spec.default]
+    if args.ids:
+        print(",".join(c.id for c in cells))
+        return 0
+    include = [
+        {
+            "cell": c.id,
+            "arch": c.arch.name,
+            "qemu_package": c.arch.qemu_package,
+            "nics": ",".join(c.spec.nics),
+        }
+        for c in cells
+    ]
+    print(json.dumps({"include": include}, separators=(",", ":")))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    _matrix, cells = _select(args, default_all=False)
+    builder = _builder(args)
+    for cell in cells:
+        image = builder.get(cell, refresh=args.refresh)
+        manifest = image.manifest
+        console.print(
+            f"{cell.id}: kernel {manifest['kernel_version']}, "
+            f"{len(manifest['packages'])} packages, {len(manifest['modules'])} modules, "
+            f"initrd {manifest['initrd_bytes'] / 1e6:.1f} MB\n  {image.path}"
+        )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kmodtest.face.bench import run_bench
+
+    _matrix, cells = _select(args, default_all=False)
+    return run_bench(args, cells, _builder(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmodtest", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cells", help="list the matrix cells")
+    _add_selectors(p)
+    p.set_defaults(func=cmd_cells)
+
+    p = sub.add_parser("matrix", help="print the selected cells as GitHub Actions matrix JSON")
+    _add_selectors(p)
+    p.add_argument("--ci", action="store_true", help="only cells marked ci: true")
+    p.add_argument("--exclude-default", action="store_true", help="leave out the default cell")
+    p.add_argument("--ids", action="store_true", help="print a comma-separated id list instead")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("build", help="build (or reuse) the images of the selected cells")
+    _add_selectors(p)
+    p.add_argument("--refresh", action="store_true", help="re-resolve package versions")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bench", help="measure build, boot, command round trip and reset times")
+    _add_selectors(p)
+    p.add_argument("--boots", type=int, default=3)
+    p.add_argument("--commands", type=int, default=100)
+    p.add_argument("--resets", type=int, default=20)
+    p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
+    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except KmodtestError as exc:
+        Console(stderr=True).print(f"[red]kmodtest:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Shared helpers for kmodtest's own tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let an inner pytest run (pytester) import the repo's fixtures package."""
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

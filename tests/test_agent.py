@@ -1,0 +1,130 @@
+"""The real guest agent script (busybox ash) against the real host channel, over a raw pty.
+
+Same bytes on the wire as in a VM, minus the VM: framing, binary safety, exit codes, stderr
+separation, the guest-side timeout and the skipping of late replies are all exercised here.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import subprocess
+import tty
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from kmodtest.errors import CommandTimeout
+from kmodtest.guest import channel as channel_mod
+from kmodtest.guest.channel import AgentChannel, encode_command
+
+BUSYBOX = shutil.which("busybox")
+pytestmark = pytest.mark.skipif(
+    BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)"
+)
+
+
+class PtyTransport:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self.fd, data) :]
+
+    def recv(self, timeout: float) -> bytes | None:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return os.read(self.fd, 1 << 20)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentChannel]:
+    script = resources.files("kmodtest.guest").joinpath("files", "agent")
+    agent_path = tmp_path / "agent"
+    agent_path.write_bytes(script.read_bytes())
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "shadows").write_text("")
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KMODTEST_RUN": str(run),
+        "KMODTEST_SHADOWS": str(tmp_path / "shadows"),
+    }
+    procs = [
+        subprocess.Popen([BUSYBOX, "sh", str(agent_path), "watchdog"], env=env),
+        subprocess.Popen([BUSYBOX, "sh", str(agent_path), os.ttyname(slave)], env=env),
+    ]
+    chan = AgentChannel(PtyTransport(master))
+    try:
+        yield chan
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        chan.close()
+        os.close(slave)
+
+
+def test_exit_code_stdout_and_stderr_are_separate(agent):
+    reply = agent.run("echo out; echo err >&2; exit 3")
+    assert (reply.exit_status, reply.stdout, reply.stderr) == (3, b"out\n", b"err\n")
+
+
+def test_binary_output_survives_byte_for_byte(agent):
+    every_byte = 'i=0; while [ $i -lt 256 ]; do printf "\\\\$(printf %o $i)"; i=$((i+1)); done'
+    reply = agent.run(every_byte)
+    assert reply.stdout == bytes(range(256))
+
+
+def test_commands_with_newlines_quotes_and_unicode(agent):
+    command = "cat <<'EOF'\nline one\n  'quoted' \"double\" \\back $HOME ü\nEOF"
+    assert agent.run(command).stdout.decode() == "line one\n  'quoted' \"double\" \\back $HOME ü\n"
+
+
+def test_large_output(agent):
+    reply = agent.run("head -c 3000000 /dev/zero | tr '\\0' x")
+    assert reply.stdout == b"x" * 3_000_000
+
+
+def test_timeout_kills_the_command_and_the_channel_stays_usable(agent):
+    with pytest.raises(CommandTimeout, match="killed after 1 s"):
+        agent.run("echo started; sleep 30", timeout=1)
+    assert agent.run("echo next").stdout == b"next\n"
+
+
+def test_late_reply_of_a_host_side_timeout_is_skipped(agent, monkeypatch):
+    # The host gives up first (a stuck transport, as it looks from the host) ...
+    monkeypatch.setattr(channel_mod, "HOST_FACTOR", 0.1)
+    monkeypatch.setattr(channel_mod, "REPLY_MARGIN", 0.0)
+    with pytest.raises(CommandTimeout, match="no reply"):
+        agent.run("sleep 2; echo late", timeout=3)
+    monkeypatch.undo()
+    # ... and the late reply to request 1 must not be mistaken for request 2's.
+    assert agent.run("echo fresh").stdout == b"fresh\n"
+
+
+def test_each_command_runs_in_its_own_subshell(agent):
+    start = agent.run("pwd").stdout
+    agent.run("cd /tmp; X=1; set -e")
+    reply = agent.run("pwd; echo ${X:-unset}; false; echo still-running")
+    assert reply.stdout == start + b"unset\nstill-running\n"
+
+
+def test_encoding_keeps_everything_on_one_line():
+    encoded = encode_command("a b\nc\\d\tü%")
+    assert "\n" not in encoded and " " not in encoded
+    assert encoded == "a\\0040b\\0012c\\0134d\\0011\\0303\\0274%"

@@ -1,0 +1,82 @@
+"""The machine description turns into the QEMU argv we expect, without booting anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmodtest.build.arches import ARCHES
+from kmodtest.errors import MachineError
+from kmodtest.guest.topology import Topology
+from kmodtest.run.machine import MachineSpec
+from kmodtest.run.qemu import QemuProcess, qemu_argv
+
+
+def spec(tmp_path: Path, arch: str = "x86_64", accel: str = "tcg", **kw) -> MachineSpec:
+    run = Path("/tmp/kt-x")
+    return MachineSpec(
+        name="vm",
+        arch=ARCHES[arch],
+        machine=ARCHES[arch].machine,
+        cpu=ARCHES[arch].cpu,
+        memory_mb=512,
+        kernel=Path("/img/kernel"),
+        initrd=Path("/img/initrd.cpio"),
+        cmdline="console=ttyS0",
+        run_dir=run,
+        log_dir=tmp_path,
+        accel=accel,
+        nics=Topology("e1000").nics(run),
+        **kw,
+    )
+
+
+def test_x86_argv_golden(tmp_path):
+    argv = qemu_argv(spec(tmp_path))
+    assert argv[:24] == [
+        "qemu-system-x86_64", "-name", "vm", "-nodefaults", "-no-user-config",
+        "-display", "none", "-no-reboot", "-machine", "pc", "-accel", "tcg", "-cpu", "max",
+        "-smp", "1", "-m", "512", "-kernel", "/img/kernel", "-append", "console=ttyS0",
+        "-initrd", "/img/initrd.cpio",
+    ]  # fmt: skip
+    joined = " ".join(argv)
+    assert f"file,id=console,path={tmp_path}/console.log" in joined
+    assert "socket,id=agent,path=/tmp/kt-x/agent.sock,server=on,wait=off" in joined
+    assert "virtserialport,bus=vser0.0,chardev=agent,name=org.kmodtest.agent" in joined
+    assert "-icount" not in argv
+
+
+def test_nics_are_wired_in_crossed_pairs(tmp_path):
+    argv = qemu_argv(spec(tmp_path))
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    all_devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    devices = [d for d in all_devices if "netdev=" in d]
+    assert len(netdevs) == 4 and len(devices) == 4
+    assert all(d.startswith("e1000,") and d.endswith(",romfile=") for d in devices)
+    lan_router = "dgram,id=lan,local.type=unix,local.path=/tmp/kt-x/lan-r.sock,"
+    lan_client = "dgram,id=lan-client,local.type=unix,local.path=/tmp/kt-x/lan-e.sock,"
+    assert netdevs[0].startswith(lan_router) and netdevs[0].endswith("/tmp/kt-x/lan-e.sock")
+    assert netdevs[1].startswith(lan_client) and netdevs[1].endswith("/tmp/kt-x/lan-r.sock")
+    macs = [d.split("mac=")[1].split(",")[0] for d in devices]
+    assert len(set(macs)) == 4
+
+
+def test_kvm_uses_host_cpu_and_icount_only_under_tcg(tmp_path):
+    assert qemu_argv(spec(tmp_path, accel="kvm", icount=True))[12:14] == ["-cpu", "host"]
+    assert "-icount" not in qemu_argv(spec(tmp_path, accel="kvm", icount=True))
+    assert "shift=0,sleep=off" in qemu_argv(spec(tmp_path, icount=True))
+
+
+def test_arm64_uses_its_own_binary_machine_and_console(tmp_path):
+    argv = qemu_argv(spec(tmp_path, arch="arm64"))
+    assert argv[0] == "qemu-system-aarch64"
+    assert argv[argv.index("-machine") + 1].startswith("virt")
+
+
+def test_missing_qemu_binary_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MachineError) as err:
+        QemuProcess.start(spec(tmp_path, arch="arm64"))
+    assert "qemu-system-aarch64 is not installed" in str(err.value)
+    assert "apt-get install qemu-system-arm" in str(err.value)

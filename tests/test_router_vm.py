@@ -1,0 +1,52 @@
+"""The framework against a real booted router (default cell): channel, testinfra, reset."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from kmodtest.errors import CommandTimeout
+
+
+def test_testinfra_modules_work_over_the_agent(host):
+    assert host.file("/etc/kmodtest/boot-modules").exists
+    assert host.file("/usr/sbin/nft").is_file
+    assert host.sysctl("net.ipv4.ip_forward") == 1
+    assert host.check_output("uname -m") in ("x86_64", "aarch64", "armv7l")
+    assert host.run("exit 7").rc == 7
+
+
+def test_ip_and_modprobe_are_the_real_tools_not_busybox(host):
+    assert "iproute2" in host.check_output("ip -V")
+    assert "kmod" in host.check_output("modprobe --version")
+    assert "iproute2" in host.check_output("sh -c 'ip -V'")
+
+
+def test_binary_output_from_the_guest_is_byte_exact(router):
+    reply = router.run("head -c 200000 /dev/urandom | tee /tmp/blob >/dev/null; cat /tmp/blob")
+    guest_sum = router.check("sha256sum /tmp/blob").split()[0]
+    assert len(reply.stdout) == 200000
+    assert hashlib.sha256(reply.stdout).hexdigest() == guest_sum
+
+
+def test_guest_timeout_then_next_command_works(router):
+    with pytest.raises(CommandTimeout):
+        router.run("sleep 60", timeout=2)
+    assert router.check("echo alive") == "alive\n"
+
+
+def test_reset_restores_the_base_network(router):
+    router.check("nft add table inet junk; ip link set lan mtu 1280")
+    router.check("ip -n client route del default")
+    router.reset()
+    assert "junk" not in router.check("nft list ruleset")
+    assert "mtu 1500" in router.check("ip link show lan")
+    assert "default via 192.0.2.1" in router.check("ip -n client route")
+
+
+def test_client_reaches_server_through_the_router(router):
+    out = router.check("ip netns exec client ping -c 1 -W 5 198.51.100.2")
+    assert "1 packets received" in out
+    out = router.check("ip netns exec client ping -c 1 -W 5 2001:db8:2::2")
+    assert "1 packets received" in out
