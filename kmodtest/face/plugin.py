@@ -148,6 +148,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SESSION_KEY] = session
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Under ``-n N``, distribute by VM case so each worker boots a given kernel once."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":
+        config.option.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get(CASE_ARG) if callspec else None
+        if isinstance(case, VmCase):
+            item.add_marker(pytest.mark.xdist_group(f"{case.cell.id}-{case.nic}"))
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:

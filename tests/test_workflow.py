@@ -1,0 +1,52 @@
+"""The GitHub Actions workflow lints clean and expands exactly ``kmodtest matrix``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kmodtest.build.cells import load_matrix
+from kmodtest.face.cli import main as kmodtest_main
+
+WORKFLOW = ".github/workflows/vmtests.yml"
+
+
+def test_actionlint_passes(repo):
+    venv_bin = str(Path(sys.executable).parent)
+    actionlint = shutil.which("actionlint", path=venv_bin) or shutil.which("actionlint")
+    if actionlint is None:
+        pytest.skip("actionlint is not installed (pip install -e '.[dev]' brings it)")
+    result = subprocess.run([actionlint, WORKFLOW], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_matrix_json_lists_every_cell_with_the_fields_the_workflow_uses(repo, capsys):
+    assert kmodtest_main(["matrix", f"--kernels-dir={repo / 'kernels'}"]) == 0
+    include = json.loads(capsys.readouterr().out)["include"]
+    assert [row["cell"] for row in include] == load_matrix(repo / "kernels").ids()
+    workflow = (repo / WORKFLOW).read_text()
+    used = {name for row in include for name in row if f"matrix.{name}" in workflow}
+    assert "cell" in used
+
+
+def test_workflow_expands_the_kmodtest_matrix_output(repo):
+    workflow = yaml.safe_load((repo / WORKFLOW).read_text())
+    jobs = workflow["jobs"]
+    producer = " ".join(step.get("run", "") for step in jobs["matrix"]["steps"])
+    assert "kmodtest matrix" in producer
+    assert jobs["vmtests"]["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.cells) }}"
+    suite = " ".join(step.get("run", "") for step in jobs["vmtests"]["steps"])
+    assert "pytest vmtests/" in suite and '--kernel "$CELL"' in suite
+
+
+def test_ci_selection_is_a_subset_and_runs(repo, capsys):
+    assert kmodtest_main(["matrix", "--ci", "--ids", f"--kernels-dir={repo / 'kernels'}"]) == 0
+    ci_ids = capsys.readouterr().out.strip().split(",")
+    all_ids = load_matrix(repo / "kernels").ids()
+    assert ci_ids and set(ci_ids) <= set(all_ids)
