@@ -48,6 +48,7 @@ class RouterPool:
     refresh_images: bool = False
     current: RouterVM | None = None
     boots: int = 0
+    booted: list[str] = field(default_factory=list)  # one line per boot, for the summary
     images: dict[str, Image] = field(default_factory=dict)
     accels: dict[str, AccelChoice] = field(default_factory=dict)
 
@@ -78,6 +79,10 @@ class RouterPool:
             case.cell, image, case.nic, log_dir, self.accel_for(case.cell).accel, self.icount
         )
         self.current = vm.start()
+        self.booted.append(
+            f"{vm.spec.name}: kernel {image.kernel_version}, {vm.spec.accel}, "
+            f"up in {vm.boot_seconds:.1f} s"
+        )
         return vm
 
     def release(self, vm: RouterVM) -> None:
