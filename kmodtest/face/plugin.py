@@ -176,6 +176,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         version = image.kernel_version if image else "(image not built yet)"
         skip = f"  SKIP: {session.skips[cell.id]}" if cell.id in session.skips else ""
         lines.append(f"kmodtest cell {cell.id}: {cell.arch.name} kernel {version}{skip}")
+    for arch in sorted({c.arch.name for c in session.cells if c.id not in session.skips}):
+        cell = next(c for c in session.cells if c.arch.name == arch)
+        choice = session.pool.accel_for(cell)
+        lines.append(f"kmodtest accel {arch}: {choice.accel} ({choice.reason})")
     return lines
 
 
