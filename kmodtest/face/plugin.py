@@ -19,6 +19,7 @@ from kmodtest.build.cells import load_matrix
 from kmodtest.build.images import ImageBuilder
 from kmodtest.build.recipes import load_recipe
 from kmodtest.errors import KmodtestError
+from kmodtest.face import patching
 from kmodtest.face.session import KmodtestSession, RouterPool, VmCase
 from kmodtest.guest.health import tail
 from kmodtest.progress import Progress
@@ -93,6 +94,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="image recipe directory (default: <rootdir>/images)",
     )
+    patching.add_options(group)
 
 
 def _worker() -> str:
@@ -102,13 +104,17 @@ def _worker() -> str:
 def _make_session(config: pytest.Config) -> KmodtestSession | None:
     root = config.rootpath
     kernels_dir = Path(config.getoption("kernels_dir") or root / "kernels")
-    asked = any(config.getoption(o) for o in ("kernel", "arch", "nic", "kernels_dir"))
+    asked = any(
+        config.getoption(o) for o in ("kernel", "arch", "nic", "kernels_dir", "kernel_image")
+    )
     if not asked and not kernels_dir.is_dir():
         return None  # not a kmodtest tree and no kmodtest option: stay out of the way
     images_dir = Path(config.getoption("images_dir") or root / "images")
     matrix = load_matrix(kernels_dir)
     kernel_opt = config.getoption("kernel")
-    cells = matrix.select(kernel_opt, config.getoption("arch"), config.getoption("nic"))
+    cells = patching.adhoc_cells(config) or matrix.select(
+        kernel_opt, config.getoption("arch"), config.getoption("nic")
+    )
     for cell in cells:  # a malformed recipe fails now, not at the first test
         load_recipe(images_dir, cell.spec.image)
     cache = Cache(Path(config.getoption("kmodtest_cache") or default_cache_dir()))
@@ -124,6 +130,7 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
         icount=config.getoption("icount"),
         refresh_images=config.getoption("refresh_images"),
     )
+    pool.overlay = patching.overlay_builder(config, cache, quiet)  # --module-patch
     session = KmodtestSession(
         matrix, cells, bool(kernel_opt), cache, pool, log_root, config.getoption("keep_logs")
     )
@@ -146,6 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"kmodtest: {exc}") from None
     if session is not None:
         config.stash[SESSION_KEY] = session
+        config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
 
 
 @pytest.hookimpl(trylast=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class RouterPool:
     accel: str = "auto"
     icount: bool = False
     refresh_images: bool = False
+    # a layer over each base image (--module-patch): (cell, base image) -> layered image
+    overlay: Callable[[Cell, Image], Image] | None = None
     current: RouterVM | None = None
     boots: int = 0
     booted: list[str] = field(default_factory=list)  # one line per boot, for the summary
@@ -54,7 +57,8 @@ class RouterPool:
 
     def image(self, cell: Cell) -> Image:
         if cell.id not in self.images:
-            self.images[cell.id] = self.builder.get(cell, refresh=self.refresh_images)
+            image = self.builder.get(cell, refresh=self.refresh_images)
+            self.images[cell.id] = self.overlay(cell, image) if self.overlay else image
         return self.images[cell.id]
 
     def accel_for(self, cell: Cell) -> AccelChoice:
