@@ -32,6 +32,9 @@ class DebianSource(_Strict):
     suite: str
     kernel_package: str
     apt_options: tuple[str, ...] = ()  # e.g. 'Acquire::Check-Valid-Until "false"' for sid
+    # also <suite>-updates and <suite>-security (mmdebstrap adds them for stable suites);
+    # false where the mirror's indexes of those do not match their Release file
+    updates: bool = True
 
 
 class LocalSource(_Strict):

@@ -19,6 +19,10 @@ from kmodtest.progress import Progress
 from kmodtest.run import processes
 
 _DEBS_LIST = ".kmodtest-debs"
+# drops the -updates and -security lines mmdebstrap wrote, before its apt-get update
+_NO_UPDATES_HOOK = (
+    "--setup-hook=sed -i -e '/-updates /d' -e '/-security /d' \"$1\"/etc/apt/sources.list"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ def fetch(
     workdir: Path,
     progress: Progress,
     apt_options: tuple[str, ...] = (),
+    updates: bool = True,
 ) -> FetchedTree:
     """Unpack ``packages`` and all their dependencies for ``debian_arch`` into ``workdir/root``."""
     mmdebstrap = require_tool("mmdebstrap", "mmdebstrap")
@@ -55,6 +60,7 @@ def fetch(
         f"--include={','.join(packages)}",
         f'--extract-hook=ls "$1"/var/cache/apt/archives/ > "$1"/{_DEBS_LIST}',
         *[f"--aptopt={opt}" for opt in apt_options],
+        *([] if updates else [_NO_UPDATES_HOOK]),
         suite,
         str(tarball),
     ]

@@ -125,6 +125,7 @@ class ImageBuilder:
                     work,
                     self.progress,
                     source.apt_options,
+                    source.updates,
                 )
             key = image_key(in_key, tree.versions)
 
@@ -164,7 +165,7 @@ class ImageBuilder:
             tree.root,
             staging,
             symlinks=True,
-            ignore=_ignore_paths(tree.root, [*recipe.spec.drop, "usr/lib/modules"]),
+            ignore=_ignore_paths(tree.root, [*recipe.spec.drop, *kernel.exclude]),
         )
         included = modules.install(mods, kernel.modules_root, staging, kernel.version)
         self._add_guest_files(staging, recipe, mods.builtin)

@@ -19,17 +19,26 @@ from kmodtest.build.arches import Arch
 from kmodtest.build.cells import Cell, DebianSource, LocalSource
 from kmodtest.errors import BuildError, ConfigError
 
+# What a Debian linux-image package installs besides the modules the closure picks: the kernel
+# file itself (boot/, or usr/lib/modules/<ver>/vmlinuz since trixie's successors) and the
+# device trees of arm boards (usr/lib/linux-image-<ver>/, ~30-60 MB: QEMU's virt machine makes
+# its own). None of it belongs in the initramfs the kernel has to copy under emulation.
+_DEBIAN_KERNEL_PATHS = ("boot", "usr/lib/modules", "usr/lib/linux-image-*")
+
 
 @dataclass(frozen=True)
 class KernelTree:
     image: Path  # bzImage / Image / zImage
     modules_root: Path  # holds lib/modules/<version>/
     version: str
+    # globs (relative to the fetched package tree) that are the kernel's, not the userland's
+    exclude: tuple[str, ...] = ("usr/lib/modules",)
 
 
 class KernelSource(ABC):
     suite: str  # Debian suite for the userland packages around the kernel
     apt_options: tuple[str, ...] = ()
+    updates: bool = True  # also fetch from <suite>-updates and <suite>-security
 
     @abstractmethod
     def extra_packages(self) -> tuple[str, ...]:
@@ -60,19 +69,26 @@ class DebianKernel(KernelSource):
     suite: str
     kernel_package: str
     apt_options: tuple[str, ...] = ()
+    updates: bool = True
 
     def extra_packages(self) -> tuple[str, ...]:
         return (self.kernel_package,)
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "debian", "suite": self.suite, "package": self.kernel_package}
+        return {
+            "kind": "debian",
+            "suite": self.suite,
+            "package": self.kernel_package,
+            "left_out": list(_DEBIAN_KERNEL_PATHS),  # changes the initramfs when it changes
+            "updates": self.updates,
+        }
 
     def locate(self, rootfs: Path, arch: Arch) -> KernelTree:
         version = _single_version(rootfs, f"the {self.kernel_package} package of {self.suite}")
         for pattern in arch.kernel_glob:
             for candidate in sorted(rootfs.glob(pattern)):
                 if version in str(candidate):
-                    return KernelTree(candidate, rootfs, version)
+                    return KernelTree(candidate, rootfs, version, _DEBIAN_KERNEL_PATHS)
         raise BuildError(
             f"{self.kernel_package} ({self.suite}) has no kernel image at {arch.kernel_glob}",
             "check the cell's kernel_package names a linux-image package for this arch",
@@ -120,7 +136,7 @@ class LocalKernel(KernelSource):
 def kernel_source_for(cell: Cell) -> KernelSource:
     src = cell.spec.source
     if isinstance(src, DebianSource):
-        return DebianKernel(src.suite, src.kernel_package, tuple(src.apt_options))
+        return DebianKernel(src.suite, src.kernel_package, tuple(src.apt_options), src.updates)
     if isinstance(src, LocalSource):
         return LocalKernel(src.kernel_image, src.modules, src.suite)
     raise ConfigError(f"cell {cell.id}: unsupported kernel source {src!r}")
