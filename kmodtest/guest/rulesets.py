@@ -1,0 +1,173 @@
+"""nftables ruleset text for the router, and reading its counters back.
+
+One builder keeps every offload test on the same, upstream-shaped ruleset (nft_flowtable.sh):
+a flowtable on both router ports, a forward chain whose first rule counts every packet that
+takes the classic path (comment ``kt-slowpath``), then ``flow add`` for TCP and UDP, and optionally
+masquerade on ``wan``. Offloaded packets bypass the forward hook, so that counter staying far
+below the transferred traffic is the proof of offload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from testinfra.backend.base import CommandResult
+
+from kmodtest.guest.nft import Nft
+from kmodtest.guest.traffic import forwarded_packets, link_stats
+
+TABLE = "kt"
+FLOWTABLE = "ft"
+SLOWPATH = "kt-slowpath"  # comment of the rule counting packets that took the forward chain
+ROUTER_PORTS = ("lan", "wan")
+FLOW_ADD_COMMENT = "kt-flow-add"
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int
+    bytes: int
+
+
+def router_ruleset(
+    flowtable: bool = True,
+    nat: bool = False,
+    counter: bool = False,
+    offload: bool = False,
+    flow_add: bool = True,
+    devices: tuple[str, ...] = ROUTER_PORTS,
+    table: str = TABLE,
+) -> str:
+    """The router's ``inet`` table as one ``nft -f`` batch.
+
+    ``counter``/``offload`` set the flowtable flags; ``flow_add=False`` keeps the flowtable but
+    drops the rule that fills it (the negative control); ``nat`` masquerades out of ``wan``.
+    """
+    lines = [f"table inet {table} {{"]
+    if flowtable:
+        lines += [
+            f"  flowtable {FLOWTABLE} {{",
+            f"    hook ingress priority filter; devices = {{ {', '.join(devices)} }};",
+            *(["    flags offload;"] if offload else []),
+            *(["    counter;"] if counter else []),  # a statement, not a flag, in nft syntax
+            "  }",
+        ]
+    lines += [
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        # an anonymous counter: a named one needs nft_objref, a module of its own on 6.1
+        f'    counter comment "{SLOWPATH}"',
+    ]
+    if flowtable and flow_add:
+        lines.append(
+            f'    meta l4proto {{ tcp, udp }} flow add @{FLOWTABLE} comment "{FLOW_ADD_COMMENT}"'
+        )
+    lines.append("  }")
+    if nat:
+        lines += [
+            "  chain postrouting {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            '    oifname "wan" masquerade',
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _rule(nft: Nft, comment: str, table: str) -> dict[str, Any]:
+    for obj in nft.json(f"chain inet {table} forward"):  # JSON always carries handles
+        rule = obj.get("rule")
+        if rule and rule.get("comment") == comment:
+            return dict(rule)
+    raise LookupError(f"no rule with comment {comment!r} in inet {table} forward")
+
+
+def read_counter(nft: Nft, comment: str = SLOWPATH, table: str = TABLE) -> Counter:
+    """The counter of the forward-chain rule with this comment."""
+    for expr in _rule(nft, comment, table)["expr"]:
+        if "counter" in expr:
+            return Counter(int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
+    raise LookupError(f"rule {comment!r} has no counter")
+
+
+def flow_add_handle(nft: Nft, table: str = TABLE) -> int:
+    """Handle of the ``flow add`` rule, to delete it (with the flowtable) in one batch."""
+    return int(_rule(nft, FLOW_ADD_COMMENT, table)["handle"])
+
+
+def remove_flowtable_batch(nft: Nft, table: str = TABLE) -> str:
+    """Delete the ``flow add`` rule and the flowtable atomically (the rule pins the table)."""
+    handle = flow_add_handle(nft, table)
+    return (
+        f"delete rule inet {table} forward handle {handle}\n"
+        f"delete flowtable inet {table} {FLOWTABLE}"
+    )
+
+
+OFFLOAD_RATIO = 20  # "far below": the classic path carries at most 1/20 of packets and bytes
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """Where the router's packets went, at one moment; subtract two to measure a transfer."""
+
+    slowpath: Counter  # nft forward-chain counter (classic path, per skb after GRO)
+    forwarded: int  # ip(6)_forward packets: classic path, independent of nft
+    rx_packets: int  # frames received on the router ports (wire level, both directions)
+
+    def __sub__(self, other: PathSample) -> PathSample:
+        return PathSample(
+            Counter(
+                self.slowpath.packets - other.slowpath.packets,
+                self.slowpath.bytes - other.slowpath.bytes,
+            ),
+            self.forwarded - other.forwarded,
+            self.rx_packets - other.rx_packets,
+        )
+
+    def mostly_offloaded(self, payload_bytes: int) -> bool:
+        """The nft_flowtable.sh criterion, tightened: slow path << traffic, by packets and bytes."""
+        return (
+            self.slowpath.packets * OFFLOAD_RATIO <= self.rx_packets
+            and self.slowpath.bytes * OFFLOAD_RATIO <= payload_bytes
+            and self.forwarded * OFFLOAD_RATIO <= self.rx_packets
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"forward chain {self.slowpath.packets} pkts/{self.slowpath.bytes} B, "
+            f"ip_forward {self.forwarded} pkts, router ports received {self.rx_packets} frames"
+        )
+
+
+def sample_paths(
+    nft: Nft, family: int, ports: tuple[str, ...] = ROUTER_PORTS, table: str = TABLE
+) -> PathSample:
+    host = nft.host
+    slow = read_counter(nft, table=table)
+    rx = sum(link_stats(host, port).rx_packets for port in ports)
+    return PathSample(slow, forwarded_packets(host, family), rx)
+
+
+HW_PROBE_TABLE = "kt_hw_probe"
+
+
+def hw_offload_probe_ruleset(devices: tuple[str, ...] = ROUTER_PORTS, offload: bool = True) -> str:
+    """fw4's hardware-offload probe: a throwaway flowtable with ``flags offload``.
+
+    OpenWrt's firewall4 loads this with ``nft -c`` (check only: the kernel builds the batch,
+    asks each driver to bind, then aborts) and falls back to a software flowtable on failure.
+    """
+    flags = " flags offload;" if offload else ""
+    devs = ", ".join(devices)
+    return (
+        f"table inet {HW_PROBE_TABLE} {{\n"
+        f"  flowtable ft {{ hook ingress priority 0; devices = {{ {devs} }};{flags} }}\n"
+        "}"
+    )
+
+
+def check(nft: Nft, ruleset: str) -> CommandResult:
+    """``nft -c -f -``: validate a batch in the kernel without committing it."""
+    return nft.host.run(f"nft -c -f - <<'KMODTEST_EOF'\n{ruleset}\nKMODTEST_EOF")

@@ -1,0 +1,387 @@
+"""Real TCP and UDP transfers between the client and server namespaces, checked by sha256.
+
+Why this shape: an offload test must read kernel state *while* its flow is alive and decide
+when the flow ends. So the sending socat reads a FIFO that a holder process keeps open: the
+test feeds bytes when it wants (all at once, in steps, or in the background), waits until the
+receiver has them, inspects conntrack and counters, then closes (a FIN after the last byte).
+The client always opens the connection (so masquerade on ``wan`` applies); ``direction`` says
+which way the payload goes. Guest processes write only to their own files, never to the
+agent's output, and each is bounded in time (socat ``-T``, the holder's sleep).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import testinfra.host
+
+from kmodtest.guest.topology import Port, Topology
+
+Proto = Literal["tcp", "udp"]
+Direction = Literal["up", "down"]  # up: client -> server, down: server -> client
+
+UDP_PAYLOAD = 1400  # bytes per datagram: fits both families' 1500-byte MTU, so no fragments
+# SO_RCVBUFFORCE (SOL_SOCKET=1, 33) = 16 MiB: a UDP receiver on one emulated CPU falls behind
+# in bursts, and the default buffer (rmem_max, ~200 KiB) then drops datagrams (RcvbufErrors).
+# socat applies plain setsockopt* options too late on UDP-LISTEN; -listen is the phase that
+# works there, and it takes the value as raw bytes (little-endian int).
+UDP_RCVBUF = {
+    "listen": "setsockopt-listen=1:33:x00000001",
+    "connect": "setsockopt-int=1:33:16777216",
+}
+IDLE_LIMIT = 90  # socat -T: a forgotten process exits after this many idle seconds
+HOLD_LIMIT = 600  # the FIFO holder's lifetime, seconds
+WORK_ROOT = "/tmp/kt-xfer"
+_ports = itertools.count(5001)
+
+# Polls in the guest (one agent round trip per wait, not one per probe).
+_SH_LIB = r"""
+waitfor() { t=$1; shift; read u _ </proc/uptime; end=$(( ${u%.*} + t ))
+  until "$@"; do read u _ </proc/uptime; [ ${u%.*} -lt $end ] || return 1; sleep 0.05; done; }
+size() { s=$(stat -c %s "$1" 2>/dev/null) || s=0; echo "$s"; }
+has() { [ "$(size "$1")" -ge "$2" ]; }
+listening() { grep -qi "$2" "/proc/$(cat "$1" 2>/dev/null || echo 0)/net/$3" 2>/dev/null; }
+alive() { [ -e "/proc/$(cat "$1" 2>/dev/null || echo 0)/stat" ] && \
+  ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$(cat "$1")/stat"; }
+bg() { pidf=$1; log=$2; ns=$3; shift 3
+  ip netns exec "$ns" sh -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$@" </dev/null >"$log" 2>&1 & }
+"""
+
+
+@dataclass(frozen=True)
+class Flow:
+    proto: Proto
+    family: int  # 4 or 6
+    direction: Direction
+    port: int
+
+    def __str__(self) -> str:
+        arrow = "client->server" if self.direction == "up" else "server->client"
+        return f"{self.proto}/ipv{self.family} {arrow} port {self.port}"
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    flow: Flow
+    nbytes: int  # what the sender had
+    received: int
+    sent_sha256: str
+    received_sha256: str
+
+    @property
+    def intact(self) -> bool:
+        return self.received == self.nbytes and self.sent_sha256 == self.received_sha256
+
+    def __str__(self) -> str:
+        return (
+            f"{self.flow}: sent {self.nbytes} B sha256 {self.sent_sha256[:16]}, "
+            f"received {self.received} B sha256 {self.received_sha256[:16]}"
+        )
+
+
+def _addr(port: Port, family: int) -> str:
+    return (port.ipv4 if family == 4 else port.ipv6).split("/")[0]
+
+
+@dataclass
+class Transfer:
+    """One flow's life: :meth:`start`, :meth:`feed`, :meth:`wait_received`, :meth:`close`."""
+
+    host: testinfra.host.Host
+    topology: Topology
+    flow: Flow
+    nbytes: int
+    linger0: bool = False  # client closes with SO_LINGER 0: killing it sends a TCP RST
+    server_ip: str | None = None  # default: the server's eth0 address of the flow's family
+    fed: int = 0
+    workdir: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = f"{WORK_ROOT}/{self.flow.port}"
+
+    # -- guest commands ------------------------------------------------------------------
+    def _sh(self, script: str, timeout: float = 60.0) -> str:
+        cmd = f"{_SH_LIB}\nd={self.workdir}\n{script}"
+        result = self.host.run(cmd, timeout=timeout)
+        if result.rc != 0:
+            raise TransferError(
+                f"{self.flow}: guest step failed (exit {result.rc}): {result.stderr.strip()}\n"
+                f"{self.logs()}"
+            )
+        return str(result.stdout)
+
+    def logs(self) -> str:
+        """The socat logs and progress so far, for error messages."""
+        out = self.host.run(
+            f'cd {self.workdir} 2>/dev/null && for f in *.log; do echo "== $f"; cat $f; done; '
+            f"ls -l {self.workdir} 2>/dev/null"
+        )
+        return str(out.stdout)
+
+    def _endpoints(self) -> tuple[list[str], list[str]]:
+        """socat argv for (server, client); the server always listens."""
+        f, port, d = self.flow, self.flow.port, self.workdir
+        server_ip = self.server_ip or _addr(self.topology.server, f.family)
+        peer = f"[{server_ip}]" if f.family == 6 else server_ip
+        fam = "" if f.family == 4 else "6"
+        udp = f.proto == "udp"
+        listen = f"{f.proto.upper()}{fam}-LISTEN:{port}," + (
+            UDP_RCVBUF["listen"] if udp else "reuseaddr"
+        )
+        connect = f"{f.proto.upper()}{fam}:{peer}:{port}" + (
+            f",{UDP_RCVBUF['connect']}" if udp else ",linger=0" if self.linger0 else ""
+        )
+        fifo, sink = f"OPEN:{d}/in.fifo", f"OPEN:{d}/dst,creat,trunc"
+        base = ["socat", f"-T{IDLE_LIMIT}"]
+        chunk = [f"-b{UDP_PAYLOAD}"] if f.proto == "udp" else []
+        if f.direction == "up":
+            return [*base, "-u", listen, sink], [*base, "-u", *chunk, fifo, connect]
+        if f.proto == "tcp":
+            return [*base, "-u", *chunk, fifo, listen], [*base, "-u", connect, sink]
+        # UDP down: the client's first datagram (the "go" file) opens the flow through NAT;
+        # -t keeps its socat receiving after that one-byte direction hits EOF.
+        return (
+            [*base, "-u", *chunk, fifo, listen],
+            [*base, f"-t{IDLE_LIMIT}", connect, f"OPEN:{d}/go!!{sink}"],  # read!!write
+        )
+
+    def _listen_probe(self) -> tuple[str, str]:
+        """(regex, /proc/PID/net file) that matches once the server socket is bound."""
+        hexport = f"{self.flow.port:04X}"
+        table = self.flow.proto + ("6" if self.flow.family == 6 else "")
+        state = " [0-9A-F]*:0000 0A" if self.flow.proto == "tcp" else " "
+        return f":{hexport}{state}", table
+
+    def start(self) -> Transfer:
+        server, client = self._endpoints()
+        regex, table = self._listen_probe()
+        srv_ns, cli_ns = self.topology.server.netns, self.topology.client.netns
+        sender = "server" if self.flow.direction == "down" else "client"
+        self._sh(
+            f"""set -e
+rm -rf $d; mkdir -p $d
+head -c {self.nbytes} /dev/urandom >$d/src
+mkfifo $d/in.fifo; printf g >$d/go
+sleep {HOLD_LIMIT} >$d/in.fifo 2>/dev/null </dev/null &
+echo $! >$d/holder.pid
+bg $d/server.pid $d/server.log {srv_ns} {shlex.join(server)}
+waitfor 10 listening $d/server.pid {shlex.quote(regex)} {table} || {{
+  echo "server did not bind port {self.flow.port}" >&2; exit 1; }}
+bg $d/client.pid $d/client.log {cli_ns} {shlex.join(client)}
+waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; }}
+""",
+            timeout=40,
+        )
+        return self
+
+    def feed(self, nbytes: int | None = None, background: bool = False) -> None:
+        """Hand the next ``nbytes`` (default: the rest) of the source to the sender."""
+        n = self.nbytes - self.fed if nbytes is None else nbytes
+        if n <= 0 or self.fed + n > self.nbytes:
+            raise ValueError(f"cannot feed {n} B at offset {self.fed} of {self.nbytes}")
+        dd = (
+            f"dd if=$d/src of=$d/in.fifo bs=64k iflag=skip_bytes,count_bytes "
+            f"skip={self.fed} count={n} status=none"
+        )
+        if background:
+            self._sh(f"{dd} </dev/null >$d/feed.log 2>&1 &\necho $! >$d/feed.pid")
+        else:
+            self._sh(dd, timeout=120)
+        self.fed += n
+
+    def received(self) -> int:
+        return int(self._sh("size $d/dst").strip())
+
+    def wait_received(self, nbytes: int | None = None, timeout: float = 60.0) -> float:
+        """Block until the receiver holds ``nbytes`` (default: all fed); returns guest seconds."""
+        want = self.fed if nbytes is None else nbytes
+        out = self._sh(
+            f"""read a _ </proc/uptime
+if ! waitfor {int(timeout)} has $d/dst {want}; then
+  echo "received $(size $d/dst) of {want} B within {int(timeout)} s" >&2; exit 1; fi
+read b _ </proc/uptime; echo "$a $b"
+""",
+            timeout=timeout + 30,
+        )
+        a, b = (float(x) for x in out.split())
+        return b - a
+
+    def close(self, timeout: float = 30.0) -> TransferResult:
+        """End the flow after the last byte, then compare checksums of both ends.
+
+        TCP: the holder exits, the sender sees EOF and sends FIN, the receiver exits on EOF.
+        UDP has no end marker: once every byte is in, the receiver is stopped.
+        """
+        receiver = "client" if self.flow.direction == "down" else "server"
+        stop_udp_receiver = (
+            f"waitfor {int(timeout)} has $d/dst {self.fed} || true\n"
+            f"kill $(cat $d/{receiver}.pid) 2>/dev/null || true"
+        )
+        out = self._sh(
+            f"""kill $(cat $d/holder.pid) 2>/dev/null || true
+{stop_udp_receiver if self.flow.proto == "udp" else ""}
+waitfor {int(timeout)} eval '! alive $d/server.pid && ! alive $d/client.pid' || {{
+  echo "socat did not exit after close" >&2; exit 1; }}
+head -c {self.fed} $d/src | sha256sum | cut -d' ' -f1
+sha256sum <$d/dst | cut -d' ' -f1
+size $d/dst
+""",
+            timeout=2 * timeout + 30,
+        )
+        sent, got, size = out.split()
+        return TransferResult(self.flow, self.fed, int(size), sent, got)
+
+    def reset(self) -> None:
+        """Abort a TCP flow with a RST from the client (needs ``linger0``)."""
+        if self.flow.proto != "tcp" or not self.linger0:
+            raise ValueError("reset() needs a TCP transfer started with linger0=True")
+        self._sh(
+            "kill -KILL $(cat $d/client.pid)\n"
+            "waitfor 10 eval '! alive $d/client.pid' || { echo 'client survived' >&2; exit 1; }"
+        )
+
+    def stop(self) -> None:
+        """Kill whatever is left and remove the work directory (idempotent)."""
+        self.host.run(
+            f"cd {self.workdir} 2>/dev/null || exit 0; for p in *.pid; do "
+            f'[ -e "$p" ] && kill -KILL $(cat "$p") 2>/dev/null; done; cd /; rm -rf {self.workdir}'
+        )
+
+    def __enter__(self) -> Transfer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TransferError(AssertionError):
+    """A transfer step failed in the guest (with the socat logs)."""
+
+
+def open_flow(
+    host: testinfra.host.Host,
+    topology: Topology,
+    proto: Proto,
+    family: int,
+    direction: Direction = "up",
+    nbytes: int = 1 << 20,
+    linger0: bool = False,
+    server_ip: str | None = None,
+) -> Transfer:
+    """A started transfer on a fresh port; use as a context manager so it is always cleaned."""
+    flow = Flow(proto, family, direction, next(_ports))
+    transfer = Transfer(host, topology, flow, nbytes, linger0, server_ip)
+    try:
+        return transfer.start()
+    except BaseException:
+        transfer.stop()
+        raise
+
+
+def transfer(
+    host: testinfra.host.Host,
+    topology: Topology,
+    proto: Proto,
+    family: int,
+    direction: Direction = "up",
+    nbytes: int = 1 << 20,
+    timeout: float = 60.0,
+) -> TransferResult:
+    """A whole transfer: start, send everything, wait, close, checksums."""
+    with open_flow(host, topology, proto, family, direction, nbytes) as t:
+        t.feed()
+        t.wait_received(timeout=timeout)
+        return t.close()
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+
+
+def link_stats(host: testinfra.host.Host, dev: str, netns: str | None = None) -> LinkStats:
+    """Wire-level counters of one interface (frames as the driver saw them, before GRO)."""
+    ns = f"-n {netns} " if netns else ""
+    [link] = json.loads(host.check_output(f"ip {ns}-j -s link show dev {dev}"))
+    s = link["stats64"]
+    return LinkStats(s["rx"]["packets"], s["rx"]["bytes"], s["tx"]["packets"], s["tx"]["bytes"])
+
+
+def forwarded_packets(host: testinfra.host.Host, family: int) -> int:
+    """Packets the router forwarded through the classic IP path (ip_forward / ip6_forward).
+
+    The flowtable's fast path transmits from the ingress hook and never reaches it, so this is
+    a slow-path meter that does not depend on any nft rule (it still counts after a flush).
+    """
+    if family == 4:
+        lines = [
+            line.split() for line in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
+        ]
+        return int(dict(zip(lines[0], lines[1], strict=True))["ForwDatagrams"])
+    out = host.check_output("grep '^Ip6OutForwDatagrams' /proc/net/snmp6")
+    return int(out.split()[1])
+
+
+def icmp_too_big_sent(host: testinfra.host.Host, family: int) -> int:
+    """ICMP "fragmentation needed" / ICMPv6 "packet too big" the router sent: only the classic
+    forwarding path emits them, for packets over the egress MTU."""
+    if family == 4:
+        out = host.check_output("grep '^IcmpMsg:' /proc/net/snmp || true").splitlines()
+        if len(out) < 2:
+            return 0
+        return int(dict(zip(out[0].split(), out[1].split(), strict=True)).get("OutType3", 0))
+    return int(host.check_output("grep '^Icmp6OutPktTooBigs' /proc/net/snmp6").split()[1])
+
+
+@dataclass(frozen=True)
+class BackupPath:
+    """A second router-server link (veth ``wan2`` <-> server ``eth1``) and a service address on
+    the server's loopback that is reachable over either link: the primary route goes via
+    ``wan`` (metric 10), the backup via ``wan2`` (metric 20), in both directions."""
+
+    router_dev: str = "wan2"
+    server_dev: str = "eth1"
+    router_ip: str = "203.0.113.1"
+    server_ip: str = "203.0.113.2"
+    prefix: int = 25
+    service_ip: str = "203.0.113.200"  # outside the /25: only routes make it reachable
+
+
+@contextmanager
+def backup_path(host: testinfra.host.Host, topology: Topology) -> Iterator[BackupPath]:
+    """Build :class:`BackupPath` for a block; remove every piece of it afterwards (the reset
+    script restores links, addresses and default routes, but knows nothing of these; routes
+    via the veth vanish with it)."""
+    p = BackupPath()
+    ns = topology.server.netns
+    wan_peer = _addr(topology.server, 4)
+    setup = f"""set -e
+ip link add {p.router_dev} type veth peer name {p.server_dev} netns {ns}
+ip addr add {p.router_ip}/{p.prefix} dev {p.router_dev}
+ip link set {p.router_dev} up
+ip -n {ns} addr add {p.server_ip}/{p.prefix} dev {p.server_dev}
+ip -n {ns} link set {p.server_dev} up
+ip -n {ns} addr add {p.service_ip}/32 dev lo
+ip route add {p.service_ip}/32 via {wan_peer} dev wan metric 10
+ip route add {p.service_ip}/32 via {p.server_ip} dev {p.router_dev} metric 20
+ip -n {ns} route add default via {p.router_ip} dev {p.server_dev} metric 20
+"""
+    teardown = f"""ip link del {p.router_dev} 2>/dev/null
+ip route del {p.service_ip}/32 metric 10 2>/dev/null
+ip -n {ns} addr del {p.service_ip}/32 dev lo 2>/dev/null
+true
+"""
+    try:
+        host.check_output(setup)
+        yield p
+    finally:
+        host.run(teardown)

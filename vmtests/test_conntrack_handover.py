@@ -1,0 +1,183 @@
+"""Flows leave the flowtable and conntrack takes over, without losing a byte: on FIN and RST,
+after idling past the flowtable timeout (and return when traffic resumes), when their conntrack
+entry is deleted, and when the flowtable or the whole ruleset goes away mid-transfer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kmodtest.guest import conntrack as ct
+from kmodtest.guest import traffic
+from kmodtest.guest.nft import Nft
+from kmodtest.guest.rulesets import remove_flowtable_batch, router_ruleset, sample_paths
+
+pytestmark = pytest.mark.per_nic
+
+NBYTES = 2_000_000
+CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
+# after a RST through an offloaded flow: the TCP timeout sysctl that caps the entry, per kernel
+RST_TIMEOUT_SYSCTL = {(6, 1): "close", (6, 12): "unacknowledged"}
+
+
+@pytest.fixture
+def nft(host) -> Nft:
+    applied = Nft(host).apply(router_ruleset())
+    assert applied.rc == 0, applied.stderr
+    return Nft(host)
+
+
+def _kernel(router) -> tuple[int, int]:
+    major, minor = router.image.kernel_version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _offloaded(host, t: traffic.Transfer) -> ct.Entry:
+    entry = ct.the_entry(ct.proc_entries(host), t.flow.proto, t.flow.port)
+    assert entry.offloaded, f"not offloaded before the handover:\n{entry.raw}"
+    return entry
+
+
+def _sane_timeout(host, entry: ct.Entry) -> None:
+    assert entry.state is not None and entry.timeout is not None, entry.raw
+    limit = ct.tcp_timeout(host, entry.state)
+    assert 0 < entry.timeout <= limit, (
+        f"timeout beyond the {entry.state} limit {limit}: {entry.raw}"
+    )
+
+
+def test_fin_hands_flow_back_to_conntrack(router, host, nft):
+    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
+        t.feed()
+        t.wait_received()
+        _offloaded(host, t)
+        result = t.close()  # FIN from the sender, then from the receiver
+        entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+
+    assert not entry.offloaded, f"{entry.raw}{ct.state_report(host)}"
+    assert entry.state in CLOSING and "ASSURED" in entry.flags, entry.raw
+    _sane_timeout(host, entry)
+    assert result.intact, str(result)
+
+
+def test_rst_hands_flow_back_to_conntrack(router, host, nft):
+    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=True) as t:
+        t.feed()
+        t.wait_received()
+        _offloaded(host, t)
+        t.reset()  # the client dies with SO_LINGER 0: a RST crosses the router
+        entry = ct.wait_entry(host, "tcp", t.flow.port, ct.in_classic_path, what="handover")
+        result = t.close()
+
+    assert entry is not None
+    # Offloaded packets never updated conntrack's TCP window, so the RST's sequence number is
+    # not the one conntrack expects: it keeps ESTABLISHED (room for an RFC 5961 challenge ACK)
+    # but cuts the timeout; to the CLOSE one on 6.1, to the "unacknowledged" one on 6.12.
+    ceiling = RST_TIMEOUT_SYSCTL.get(_kernel(router), "unacknowledged")
+    assert entry.state == "ESTABLISHED", entry.raw
+    limit = ct.tcp_timeout(host, ceiling)
+    assert entry.timeout is not None and 0 < entry.timeout <= limit, (
+        f"{entry.raw}\nexpected a timeout <= nf_conntrack_tcp_timeout_{ceiling} ({limit})"
+    )
+    assert result.intact, str(result)  # everything sent before the RST had arrived
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_idle_flow_returns_to_slow_path_then_is_offloaded_again(router, host, nft, proto):
+    timeout_sysctl = f"net.netfilter.nf_flowtable_{proto}_timeout"
+    flow_timeout = 2
+    with (
+        ct.sysctls(host, {timeout_sysctl: flow_timeout}),
+        traffic.open_flow(host, router.topology, proto, 4, "up", NBYTES) as t,
+    ):
+        t.feed(NBYTES // 2)
+        t.wait_received()
+        _offloaded(host, t)
+        idle_from = time.monotonic()
+        evicted = ct.wait_entry(
+            host, proto, t.flow.port, ct.in_classic_path, flow_timeout + 15, "eviction"
+        )
+        idle = time.monotonic() - idle_from
+
+        before = sample_paths(nft, 4)
+        t.feed()
+        t.wait_received()
+        again = ct.the_entry(ct.proc_entries(host), proto, t.flow.port)
+        during = sample_paths(nft, 4) - before
+        result = t.close()
+
+    assert evicted is not None
+    assert idle >= flow_timeout * 0.5, f"evicted after {idle:.1f} s, before the timeout"
+    if proto == "tcp":
+        assert evicted.state == "ESTABLISHED", evicted.raw
+        _sane_timeout(host, evicted)
+    else:
+        limit = int(ct.read_sysctl(host, "net.netfilter.nf_conntrack_udp_timeout_stream"))
+        assert evicted.timeout is not None and 0 < evicted.timeout <= limit, evicted.raw
+    assert again.offloaded, f"not offloaded again: {again.raw}{ct.state_report(host)}"
+    assert during.mostly_offloaded(NBYTES // 2), str(during)
+    assert result.intact, str(result)
+
+
+def test_conntrack_delete_of_offloaded_entry(router, host, nft):
+    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
+        t.feed(NBYTES // 2)
+        t.wait_received()
+        _offloaded(host, t)
+        deleted = host.run(f"conntrack -D -p tcp --dport {t.flow.port}")
+        gone = ct.find(ct.proc_entries(host), "tcp", t.flow.port)
+
+        t.feed()  # the rest: conntrack picks the stream up again (nf_conntrack_tcp_loose)
+        t.wait_received()
+        again = ct.wait_entry(host, "tcp", t.flow.port, ct.in_flowtable, what="new offload")
+        result = t.close()
+
+    assert deleted.rc == 0 and "1 flow entries have been deleted" in deleted.stderr, deleted
+    assert gone == [], f"entry survived conntrack -D: {[e.raw for e in gone]}"
+    assert again is not None and again.state is None  # offloaded: /proc prints no TCP state
+    assert result.intact, str(result)
+
+
+def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, int, ct.Entry]:
+    """Offload a flow, then apply ``removal`` while the rest of the payload is being sent.
+
+    Returns (bytes received when the removal was done, ip_forward packets after it, entry).
+    """
+    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES * 2) as t:
+        t.feed(NBYTES // 2)
+        t.wait_received()
+        _offloaded(host, t)
+        forwarded = traffic.forwarded_packets(host, 4)
+        t.feed(background=True)
+        applied = nft.apply(removal)
+        at_removal = t.received()
+        t.wait_received()
+        forwarded = traffic.forwarded_packets(host, 4) - forwarded
+        entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+        result = t.close()
+    assert applied.rc == 0, applied.stderr
+    assert result.intact, str(result)
+    assert at_removal < NBYTES * 2, "the transfer was over before the removal: not mid-transfer"
+    return at_removal, forwarded, entry
+
+
+def test_deleting_flowtable_mid_transfer_falls_back_to_slow_path(router, host, nft):
+    removal = remove_flowtable_batch(nft)
+    at_removal, forwarded, entry = _run_through_removal(router, host, nft, removal)
+
+    assert nft.flowtables() == []
+    assert not entry.offloaded, entry.raw
+    # the part sent after the removal crossed ip_forward (GRO merges a few frames per packet)
+    left = NBYTES * 2 - at_removal
+    assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"
+
+
+def test_flushing_ruleset_mid_transfer_falls_back_to_slow_path(router, host, nft):
+    at_removal, forwarded, entry = _run_through_removal(router, host, nft, "flush ruleset")
+
+    assert nft.ruleset().strip() == ""
+    assert not entry.offloaded, entry.raw
+    left = NBYTES * 2 - at_removal
+    assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"

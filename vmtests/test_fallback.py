@@ -1,0 +1,148 @@
+"""When offload cannot happen, forwarding still must: without the flowtable modules, with a
+smaller MTU on the WAN side, and when a link goes down or a route changes under a flow.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from kmodtest.guest import conntrack as ct
+from kmodtest.guest import traffic
+from kmodtest.guest.nft import Nft
+from kmodtest.guest.rulesets import router_ruleset, sample_paths
+
+pytestmark = pytest.mark.per_nic
+
+NBYTES = 2_000_000
+FLOWTABLE_MODULES = ("nft_flow_offload", "nf_flow_table_inet", "nf_flow_table")
+
+
+@pytest.fixture
+def nft(host) -> Nft:
+    return Nft(host)
+
+
+def _loaded(host) -> list[str]:
+    return [m for m in FLOWTABLE_MODULES if host.file(f"/sys/module/{m}").exists]
+
+
+def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(router, host, nft):
+    modprobe = ct.read_sysctl(host, "kernel.modprobe")
+    try:
+        # rmmod, not modprobe -r: that would take nf_tables along, and nft with it
+        unload = host.run(f"rmmod {' '.join(FLOWTABLE_MODULES)}")  # the reset left no users
+        assert _loaded(host) == [], f"modules still loaded: {unload.stderr}"
+        host.check_output("echo /bin/false >/proc/sys/kernel/modprobe")  # block autoload
+
+        refused = nft.apply(router_ruleset())
+        still_unloaded = _loaded(host)
+        ruleset_after = nft.ruleset()
+
+        assert nft.apply(router_ruleset(flowtable=False)).rc == 0
+        before = sample_paths(nft, 4)
+        result = traffic.transfer(host, router.topology, "tcp", 4, "up", NBYTES)
+        during = sample_paths(nft, 4) - before
+    finally:
+        host.run(f"echo {modprobe} >/proc/sys/kernel/modprobe")
+        restored = host.run(f"modprobe -a {' '.join(FLOWTABLE_MODULES)}")
+        if restored.rc != 0 or ct.read_sysctl(host, "kernel.modprobe") != modprobe:
+            router.tainted = f"could not restore module autoload: {restored.stderr}"
+
+    assert refused.rc != 0, "flow add accepted without the flowtable modules"
+    # the kernel knows no flowtable type / flow_offload expression: ENOENT, on the flowtable
+    assert "No such file or directory" in refused.stderr, refused.stderr
+    assert "flowtable ft" in refused.stderr, refused.stderr
+    assert still_unloaded == [], f"autoload was not blocked: {still_unloaded} got loaded"
+    assert ruleset_after.strip() == "", "a refused batch left rules behind"
+    assert result.intact, str(result)
+    assert during.slowpath.bytes >= NBYTES, f"without a flowtable all must go slow: {during}"
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, nft, family):
+    assert nft.apply(router_ruleset()).rc == 0
+    server = router.topology.server.ipv4 if family == 4 else router.topology.server.ipv6
+    server = server.split("/")[0]
+    host.check_output("ip link set dev wan mtu 1280")  # the reset puts 1500 back
+    try:
+        too_big = traffic.icmp_too_big_sent(host, family)
+        with traffic.open_flow(host, router.topology, "tcp", family, "up", NBYTES) as t:
+            t.feed()
+            t.wait_received()
+            entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+            result = t.close()
+        too_big = traffic.icmp_too_big_sent(host, family) - too_big
+        pmtu = host.check_output(f"ip -n client -{family} route get {server}")
+    finally:  # the client's learnt PMTU would outlive this test
+        host.run("ip -n client route flush cache; ip -n client -6 route flush cache")
+
+    # the client sends 1500-byte packets (server MSS 1460); the flowtable hands packets over
+    # the 1280 egress MTU to the classic path, which answers "too big"; the client's PMTU
+    # drops, and the now-fitting packets are offloaded
+    assert too_big > 0, "no ICMP too-big: oversize packets did not take the classic path"
+    assert "mtu 1280" in pmtu, f"client did not learn the path MTU: {pmtu}"
+    assert entry.offloaded, f"{entry.raw}{ct.state_report(host)}"
+    assert result.intact, str(result)
+
+
+def _path_switch(router, host, nft: Nft, switch: str, eager: bool) -> None:
+    """Offload a flow to the backup path's service address, run ``switch`` (guest shell) mid
+    flow, and check the rest of the payload follows the new route, offloaded again.
+
+    ``eager``: the switch itself tears the flow down (a device going down); otherwise the
+    flowtable notices on the next packet, when its cached route fails the dst check.
+    """
+    with traffic.backup_path(host, router.topology) as p:
+        ports = ("lan", "wan", p.router_dev)
+        applied = nft.apply(router_ruleset(devices=ports))
+        assert applied.rc == 0, applied.stderr
+        with traffic.open_flow(
+            host, router.topology, "tcp", 4, "up", NBYTES, server_ip=p.service_ip
+        ) as t:
+            t.feed(NBYTES // 2)
+            t.wait_received()
+            first = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+            backup_tx = traffic.link_stats(host, p.router_dev).tx_bytes
+            host.check_output(switch)
+            torn_down = None
+            if eager:
+                torn_down = ct.wait_entry(
+                    host, "tcp", t.flow.port, ct.in_classic_path, what="teardown"
+                )
+            before = sample_paths(nft, 4, ports)
+            t.feed()
+            t.wait_received()
+            again = ct.wait_entry(host, "tcp", t.flow.port, ct.in_flowtable, what="new offload")
+            during = sample_paths(nft, 4, ports) - before
+            backup_tx = traffic.link_stats(host, p.router_dev).tx_bytes - backup_tx
+            result = t.close()
+
+    assert first.offloaded, first.raw
+    if torn_down is not None:
+        assert torn_down.state == "ESTABLISHED", torn_down.raw
+    # the first packets on the new route took the classic path (that is where the new flow
+    # was added), the rest was offloaded again
+    assert during.slowpath.packets > 0, f"nothing took the classic path: {during}"
+    assert during.mostly_offloaded(NBYTES // 2), str(during)
+    assert backup_tx >= NBYTES // 2, f"only {backup_tx} B left via the backup link"
+    assert again is not None and again.offloaded
+    assert result.intact, str(result)
+
+
+def test_link_down_tears_flow_down_and_traffic_follows_backup_route(router, host, nft):
+    # both ends of the WAN "cable": routes over it vanish, the metric-20 ones take over
+    switch = "ip link set wan down; ip -n server link set eth0 down"
+    _path_switch(router, host, nft, switch, eager=True)
+
+
+def test_route_change_tears_flow_down_and_traffic_follows_new_route(router, host, nft):
+    p = traffic.BackupPath()
+    client_net = ipaddress.ip_interface(router.topology.client.ipv4).network
+    _path_switch(
+        router, host, nft,
+        f"ip route replace {p.service_ip}/32 via {p.server_ip} dev {p.router_dev} metric 10; "
+        f"ip -n server route add {client_net} via {p.router_ip} dev {p.server_dev}",
+        eager=False,
+    )  # fmt: skip
