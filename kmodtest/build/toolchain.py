@@ -21,10 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from kmodtest.build import debian
 from kmodtest.build.cache import Cache
 from kmodtest.errors import BuildError
 from kmodtest.progress import Progress
+from kmodtest.run import processes
 
 # Bump when the chroot's layout or package list changes in a way the key does not capture.
 TOOLCHAIN_LAYOUT = 1
@@ -113,30 +116,36 @@ def run_in_chroot(
     bind: Path,
     log_path: Path,
     progress: Progress | None = None,
+    extra_binds: Sequence[tuple[Path, str]] = (),
 ) -> int:
     """A private mount namespace (so parallel builds never see each other's /build)."""
     unshare = debian.require_tool("unshare", "util-linux")
     userns = [] if os.geteuid() == 0 else ["--map-root-user"]
+    mounts = "".join(f'mkdir -p "$r{guest}"; mount --bind "{host}" "$r{guest}"; '
+                     for host, guest in extra_binds)  # fmt: skip
     script = (
         'set -e; r="$1"; b="$2"; shift 2; '
-        'mount --rbind /dev "$r/dev"; mount --bind "$b" "$r/build"; '
+        f'mount --rbind /dev "$r/dev"; mount --bind "$b" "$r/build"; {mounts}'
         'exec chroot "$r" env -i PATH=/usr/bin:/usr/sbin HOME=/tmp LANG=C.UTF-8 "$@"'
     )
-    full = [unshare, "--mount", "--fork", *userns, "sh", "-c", script, "sh",
+    full = [unshare, "--mount", "--fork", "--kill-child", *userns, "sh", "-c", script, "sh",
             str(root), str(bind), *argv]  # fmt: skip
     with open(log_path, "a") as log_file:
         log_file.write(f"$ {' '.join(argv)}\n")
         log_file.flush()
-        proc = subprocess.Popen(
+        proc = processes.spawn(
             full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            log_file.write(line)
-            if progress is not None:
-                progress.detail(line.strip()[:100])
-        return proc.wait()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace")
+                log_file.write(line)
+                if progress is not None:
+                    progress.detail(escape(line.strip()[:100]))
+            return proc.wait()
+        finally:
+            processes.terminate(proc)  # also on Ctrl-C: no make left writing into the workspace
 
 
 def _compiler(root: Path, release: str) -> str:
@@ -175,27 +184,36 @@ def _finish_chroot(root: Path) -> None:
 
 def get_toolchain(cache: Cache, kernel: KernelPackages, progress: Progress) -> Toolchain:
     """The cached chroot for ``kernel`` (built once, ~40 s and ~500 MB on first use)."""
-    blob = {"layout": TOOLCHAIN_LAYOUT, "tools": BUILD_TOOLS, **kernel.key_material()}
+    root = get_chroot(
+        cache,
+        kernel,
+        [f"{kernel.headers}={kernel.version}", *BUILD_TOOLS],
+        f"toolchain chroot for {kernel.release} ({kernel.suite})",
+        progress,
+    )
+    return Toolchain(root, kernel.release, _compiler(root, kernel.release))
+
+
+def get_chroot(
+    cache: Cache, where: KernelPackages, packages: list[str], title: str, progress: Progress
+) -> Path:
+    """A cached chroot of ``packages`` (with dependencies) from ``where``'s suite and arch."""
+    blob = {"layout": TOOLCHAIN_LAYOUT, "packages": sorted(packages), **where.key_material()}
     key = debian_key(blob)
 
     def build(out: Path) -> None:
-        with progress.step(f"toolchain chroot for {kernel.release} ({kernel.suite})"):
+        with progress.step(title):
             start = time.monotonic()
-            tree = fetch_packages(
-                kernel, [f"{kernel.headers}={kernel.version}", *BUILD_TOOLS], out, progress
-            )
+            tree = fetch_packages(where, packages, out, progress)
             _finish_chroot(tree.root)
-            cc = _compiler(tree.root, kernel.release)
-            meta = {"release": kernel.release, "cc": cc, "packages": tree.versions,
+            meta = {"title": title, "packages": tree.versions,
                     "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
             (out / "toolchain.json").write_text(json.dumps(meta, indent=2) + "\n")
             for leftover in out.iterdir():
                 if leftover.name not in ("root", "toolchain.json"):
                     _remove(leftover)
 
-    path = cache.get_or_build("toolchains", key, build)
-    meta = json.loads((path / "toolchain.json").read_text())
-    return Toolchain(path / "root", kernel.release, meta["cc"])
+    return cache.get_or_build("toolchains", key, build) / "root"
 
 
 def _remove(path: Path) -> None:

@@ -15,6 +15,7 @@ from kmodtest.build.cache import Cache, default_cache_dir
 from kmodtest.build.cells import Cell, Matrix, load_matrix
 from kmodtest.build.images import ImageBuilder
 from kmodtest.errors import KmodtestError
+from kmodtest.face import kernelcmd, validate
 from kmodtest.progress import Progress
 
 console = Console()
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     p.set_defaults(func=cmd_bench)
+
+    validate.add_parser(sub)
+    kernelcmd.add_parser(sub)
     return parser
 
 

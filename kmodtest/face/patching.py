@@ -18,7 +18,7 @@ from kmodtest.build.arches import get_arch
 from kmodtest.build.cache import Cache
 from kmodtest.build.cells import Cell, CellSpec, LocalSource
 from kmodtest.build.modchange import ModuleChange
-from kmodtest.build.overlay import OverlayBuilder
+from kmodtest.build.overlay import OverlayBuilder, cross_build_skip
 from kmodtest.errors import ConfigError
 from kmodtest.guest.modload import load_failures
 from kmodtest.progress import Progress
@@ -87,6 +87,16 @@ def overlay_builder(config: pytest.Config, cache: Cache, quiet: bool) -> Overlay
             "patch and rebuild your own kernel tree instead",
         )
     return OverlayBuilder(cache, change, Progress(quiet=quiet))
+
+
+def overlay_skips(cells: list[Cell], skips: dict[str, str]) -> dict[str, str]:
+    """Cells a module overlay cannot be built for here, with the reason the skip shows."""
+    out = {}
+    for cell in cells:
+        why = cross_build_skip(cell)
+        if why and cell.id not in skips:
+            out[cell.id] = why
+    return out
 
 
 def adhoc_cells(config: pytest.Config) -> list[Cell] | None:

@@ -143,6 +143,8 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
             if session.explicit and kernel_opt != "all":
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
+    if pool.overlay is not None:  # cells the module loop cannot build for (cross arches)
+        session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
 
 

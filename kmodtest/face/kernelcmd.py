@@ -1,0 +1,55 @@
+"""``kmodtest kernel build``: a minimal kernel for the suite, ready for ``--kernel-image``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from kmodtest.build.cache import Cache, default_cache_dir
+from kmodtest.build.kernelbuild import build_kernel, debian_source_tree
+from kmodtest.errors import ConfigError
+from kmodtest.progress import Progress
+
+console = Console()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("kernel", help="build a minimal kernel for the suite")
+    ksub = p.add_subparsers(dest="kernel_command", required=True)
+    b = ksub.add_parser("build", help="tinyconfig + the suite's fragment, in a Debian chroot")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", type=Path, help="a clean Linux source tree")
+    src.add_argument("--debian-source", metavar="SUITE", help="the suite's linux-source package")
+    b.add_argument("--out", type=Path, required=True, help="output directory")
+    b.add_argument("--arch", default="x86_64", help="x86_64 (tested), arm64, armhf")
+    b.add_argument("--suite", default="trixie", help="Debian suite of the compiler (trixie)")
+    b.add_argument("--jobs", type=int, default=None, help="make -j (default: min(2, cores))")
+    b.add_argument("--image-cache", type=Path, default=None)
+    b.set_defaults(func=cmd_kernel_build)
+
+
+def cmd_kernel_build(args: argparse.Namespace) -> int:
+    cache = Cache(args.image_cache or default_cache_dir())
+    progress = Progress()
+    if args.debian_source:
+        source = debian_source_tree(cache, args.debian_source, progress)
+    else:
+        source = args.source.absolute()
+        if not source.is_dir():
+            raise ConfigError(f"{source} does not exist", "pass a Linux source tree")
+    result = build_kernel(
+        cache, source, args.out.absolute(), args.arch, args.suite, progress, args.jobs
+    )
+    for line in result.unmet:
+        console.print(f"[yellow]config: fragment not honoured: {line}[/]", highlight=False)
+    for step, seconds in result.seconds.items():
+        console.print(f"  {step}: {seconds:.1f} s")
+    console.print(
+        f"kernel {result.release}: {result.image}\n"
+        f"run: pytest vmtests/ --kernel-image {result.image} --modules {result.modules}"
+        f" --arch {args.arch}",
+        highlight=False,
+    )
+    return 0

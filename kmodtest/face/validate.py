@@ -1,0 +1,242 @@
+"""``kmodtest validate``: one command from a patch to a verdict per matrix cell.
+
+For each selected cell: build (or reuse) the base image, rebuild the flowtable modules with the
+change against the cell's own kernel sources (a cached layer), then run the VM suite on all of
+them in one pytest session (``--module-patch``), and print cell, kernel, passed/failed and the
+first failure, naming modules that failed to load with the kernel's own message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kmodtest.build.cache import Cache, default_cache_dir
+from kmodtest.build.cells import Cell, load_matrix
+from kmodtest.build.images import ImageBuilder
+from kmodtest.build.modchange import ModuleChange
+from kmodtest.build.overlay import OverlayBuilder, OverlayTimings, cross_build_skip
+from kmodtest.errors import ConfigError, KmodtestError
+from kmodtest.face.patching import LOAD_FAILURE_PROPERTY
+from kmodtest.progress import Progress
+
+console = Console()
+# the verdict is read in CI logs and pipes too, where rich would assume 80 columns
+wide = console if console.is_terminal else Console(width=160)
+CASE_ARG = "vm_case"
+
+
+@dataclass
+class CellVerdict:
+    cell: str
+    kernel: str = "-"
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    first_failure: str = ""
+    load_failure: str = ""
+    problem: str = ""  # could not build or run at all
+    timings: OverlayTimings | None = None
+    base_seconds: float = 0.0
+    test_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.failed == 0 and self.passed > 0
+
+    @property
+    def verdict(self) -> str:
+        if self.problem.startswith("skipped"):
+            return "SKIP"
+        return "PASS" if self.ok else "FAIL"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("validate", help="patch -> rebuilt modules -> VM suite -> verdict per cell")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--patch", type=Path, help="a unified diff against the kernel tree")
+    change.add_argument("--src", type=Path, help="a kernel source tree (net/netfilter, include)")
+    p.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: default cell)")
+    p.add_argument("--arch", help="only cells of these arches")
+    p.add_argument("--tests", nargs="+", default=["vmtests"], help="test paths (default vmtests)")
+    p.add_argument("-k", dest="keyword", help="pytest -k expression")
+    p.add_argument("--timings", action="store_true", help="print where the time went")
+    p.add_argument("--log-dir", default="kmodtest-logs")
+    p.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
+    p.add_argument("--images-dir", type=Path, default=Path("images"))
+    p.add_argument("--image-cache", type=Path, default=None)
+    p.add_argument("--pytest-arg", action="append", default=[], help="passed on to pytest")
+    p.set_defaults(func=run_validate)
+
+
+class _Collector:
+    """Per-cell outcomes from the in-process pytest run."""
+
+    def __init__(self, verdicts: dict[str, CellVerdict]) -> None:
+        self.verdicts = verdicts
+        self.cell_of: dict[str, str] = {}
+        self.outcome: dict[str, str] = {}  # nodeid -> passed/failed/skipped
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            case = callspec.params.get(CASE_ARG) if callspec else None
+            if case is not None:
+                self.cell_of[item.nodeid] = case.cell.id
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        cell = self.cell_of.get(report.nodeid)
+        if cell is None or cell not in self.verdicts:
+            return
+        v = self.verdicts[cell]
+        v.test_seconds += report.duration
+        props = dict(report.user_properties)
+        v.kernel = str(props.get("kernel_release", v.kernel))
+        if report.failed:
+            if self.outcome.get(report.nodeid) != "failed":
+                v.failed += 1
+                if self.outcome.get(report.nodeid) == "passed":
+                    v.passed -= 1  # failed in teardown after passing
+            self.outcome[report.nodeid] = "failed"
+            if not v.first_failure:
+                v.first_failure = f"{_short(report.nodeid)}: {_message(report)}"
+            if props.get(LOAD_FAILURE_PROPERTY) and not v.load_failure:
+                v.load_failure = str(props[LOAD_FAILURE_PROPERTY])
+        elif report.when == "call" and report.passed:
+            self.outcome[report.nodeid] = "passed"
+            v.passed += 1
+        elif report.skipped and report.nodeid not in self.outcome:
+            self.outcome[report.nodeid] = "skipped"
+            v.skipped += 1
+
+
+def _short(nodeid: str) -> str:
+    return nodeid.split("::")[-1].split("[")[0]
+
+
+def _message(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else "failed"
+    if report.when != "call":
+        first = f"({report.when}) {first}"
+    return first[:160]
+
+
+def _prebuild(
+    cell: Cell, builder: ImageBuilder, overlay: OverlayBuilder, verdict: CellVerdict
+) -> bool:
+    """Base image and overlay before pytest starts, so build errors are verdicts, not errors."""
+    if why := cross_build_skip(cell):
+        verdict.problem = f"skipped: {why}"
+        return False
+    try:
+        start = time.monotonic()
+        base = builder.get(cell)
+        verdict.base_seconds = time.monotonic() - start
+        image = overlay.get(cell, base)
+    except KmodtestError as exc:
+        verdict.problem = f"build failed: {exc.problem}"
+        verdict.timings = overlay.timings.get(cell.id)
+        return False
+    verdict.timings = overlay.timings.get(cell.id)
+    verdict.kernel = image.kernel_version
+    info = image.manifest.get("overlay", {})
+    verdict.warnings = [f"modpost: {w}" for w in info.get("modpost_warnings", [])]
+    verdict.warnings += info.get("notes", [])
+    return True
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    change = ModuleChange(
+        patch=args.patch.absolute() if args.patch else None,
+        source_tree=args.src.absolute() if args.src else None,
+    )
+    change.check()
+    for path in args.tests:
+        if not Path(path.split("::")[0]).exists():
+            raise ConfigError(f"test path {path} does not exist", "run from the kmodtest checkout")
+    matrix = load_matrix(args.kernels_dir)
+    cells = matrix.select(args.kernel, args.arch)
+    cache = Cache(args.image_cache or default_cache_dir())
+    progress = Progress()
+    builder = ImageBuilder(cache, args.images_dir, progress)
+    overlay = OverlayBuilder(cache, change, progress)
+    verdicts = {c.id: CellVerdict(c.id) for c in cells}
+    runnable = [c for c in cells if _prebuild(c, builder, overlay, verdicts[c.id])]
+    built_at = time.monotonic()
+    if runnable:
+        pytest_args = [
+            *args.tests,
+            f"--kernel={','.join(c.id for c in runnable)}",
+            f"--image-cache={cache.root}",
+            f"--kernels-dir={args.kernels_dir}",
+            f"--images-dir={args.images_dir}",
+            f"--log-dir={args.log_dir}",
+            *([f"--module-patch={change.patch}"] if change.patch else []),
+            *([f"--module-src={change.source_tree}"] if change.source_tree else []),
+            *([] if change.patch or change.source_tree else ["--module-rebuild"]),
+            *(["-k", args.keyword] if args.keyword else []),
+            "-p",
+            "no:cacheprovider",
+            *args.pytest_arg,
+        ]
+        console.print(f"[bold]pytest {' '.join(pytest_args)}[/]", highlight=False)
+        pytest.main(pytest_args, plugins=[_Collector(verdicts)])
+    for v in verdicts.values():
+        if not v.problem and v.passed + v.failed == 0:
+            v.problem = "no test ran (see the pytest output above)"
+    total = time.monotonic() - start
+    print_verdicts(change, list(verdicts.values()))
+    if args.timings:
+        print_timings(list(verdicts.values()), built_at - start, total)
+    return 0 if all(v.ok or v.verdict == "SKIP" for v in verdicts.values()) else 1
+
+
+def print_verdicts(change: ModuleChange, verdicts: list[CellVerdict]) -> None:
+    table = Table(
+        "cell", "kernel", "verdict", "passed", "failed", "first failure",
+        title=f"kmodtest validate: {change.label}",
+    )  # fmt: skip
+    for v in verdicts:
+        first = v.problem or v.first_failure
+        if v.load_failure:
+            first = f"module load failure: {v.load_failure}\n{first}"
+        color = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}[v.verdict]
+        table.add_row(
+            v.cell, v.kernel, f"[{color}]{v.verdict}[/]", str(v.passed), str(v.failed),
+            _escape(first),
+        )  # fmt: skip
+    wide.print(table)
+    for v in verdicts:
+        for w in v.warnings:
+            wide.print(f"[yellow]{v.cell}: {_escape(w)}[/]", highlight=False)
+
+
+def print_timings(verdicts: list[CellVerdict], build_total: float, total: float) -> None:
+    table = Table("cell", "step", "seconds", title="kmodtest validate --timings")
+    for v in verdicts:
+        table.add_row(v.cell, "base image (build or reuse)", f"{v.base_seconds:.1f}")
+        if v.timings:
+            for name, seconds in v.timings.rows():
+                table.add_row(v.cell, name, f"{seconds:.1f}")
+            if v.timings.cached:
+                table.add_row(v.cell, "(overlay layer came from the cache)", "")
+        table.add_row(v.cell, "tests (boot + suite, sum of test phases)", f"{v.test_seconds:.1f}")
+    table.add_row("all", "build phase (all cells)", f"{build_total:.1f}")
+    table.add_row("all", "[bold]patch -> verdict[/]", f"[bold]{total:.1f}[/]")
+    wide.print(table)
+
+
+def _escape(text: str) -> str:
+    return escape(text)
