@@ -31,6 +31,8 @@ console = Console()
 # the verdict is read in CI logs and pipes too, where rich would assume 80 columns
 wide = console if console.is_terminal else Console(width=160)
 CASE_ARG = "vm_case"
+QUICK_TESTS = ("vmtests/test_flowtable.py", "vmtests/test_offload.py")
+QUICK_NIC = "virtio-net-pci"
 
 
 @dataclass
@@ -66,7 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     change.add_argument("--src", type=Path, help="a kernel source tree (net/netfilter, include)")
     p.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: default cell)")
     p.add_argument("--arch", help="only cells of these arches")
-    p.add_argument("--tests", nargs="+", default=["vmtests"], help="test paths (default vmtests)")
+    p.add_argument("--tests", nargs="+", default=None, help="test paths (default: vmtests)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only {' '.join(QUICK_TESTS)} on {QUICK_NIC}: the fast patch loop",
+    )
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("--timings", action="store_true", help="print where the time went")
     p.add_argument("--log-dir", default="kmodtest-logs")
@@ -163,6 +170,9 @@ def run_validate(args: argparse.Namespace) -> int:
         source_tree=args.src.absolute() if args.src else None,
     )
     change.check()
+    args.tests = args.tests or list(QUICK_TESTS if args.quick else ["vmtests"])
+    if args.quick:
+        args.pytest_arg = [f"--nic={QUICK_NIC}", *args.pytest_arg]
     for path in args.tests:
         if not Path(path.split("::")[0]).exists():
             raise ConfigError(f"test path {path} does not exist", "run from the kmodtest checkout")
