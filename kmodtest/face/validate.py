@@ -150,6 +150,7 @@ def _prebuild(
         start = time.monotonic()
         base = builder.get(cell)
         verdict.base_seconds = time.monotonic() - start
+        verdict.kernel = base.kernel_version
         image = overlay.get(cell, base)
     except KmodtestError as exc:
         verdict.problem = f"build failed: {exc.problem}"
