@@ -8,6 +8,8 @@ kernel's own message. Cold, they fetch a toolchain chroot and the kernel sources
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +134,20 @@ def test_kernel_image_needs_modules(pytester, repo, inner_env, tmp_path):
     result.stderr.fnmatch_lines(["*--kernel-image and --modules go together*"])
 
 
+def test_kernel_image_and_modules_make_an_adhoc_cell_of_the_chosen_arch(
+    pytester, repo, inner_env, tmp_path
+):
+    (tmp_path / "Image").write_bytes(b"not really a kernel")
+    (tmp_path / "mods/lib/modules/6.12.0-kt").mkdir(parents=True)
+    pytester.makepyfile(test_vm="def test_vm(router):\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "fixtures.router", f"--kernels-dir={repo / 'kernels'}",
+        f"--images-dir={repo / 'images'}", f"--kernel-image={tmp_path / 'Image'}",
+        f"--modules={tmp_path / 'mods'}", "--arch=arm64", "--collect-only",
+    )  # fmt: skip
+    result.stdout.fnmatch_lines(["*kmodtest cell local-arm64: arm64*", "*test_vm?local-arm64?*"])
+
+
 def validate(repo: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "kmodtest.face.cli", "validate", f"--log-dir={tmp_path}", *args]
     result = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=900)
@@ -161,3 +177,22 @@ def test_module_that_cannot_load_is_named_with_the_kernel_message(repo, tmp_path
     assert "module load failure" in result.stdout
     assert "Unknown symbol kmodtest_no_such_symbol" in result.stdout
     assert "modpost" in result.stdout  # the build already warned about the symbol
+
+
+def test_self_built_kernel_boots_and_runs_the_suite(repo, tmp_path):
+    """Needs ``kmodtest kernel build --out DIR`` first (~30+ min at -j2 on 2 shared cores)."""
+    built = os.environ.get("KMODTEST_LOCAL_KERNEL")
+    if not built:
+        pytest.skip("set KMODTEST_LOCAL_KERNEL=DIR, the --out of `kmodtest kernel build`")
+    out = Path(built)
+    meta = json.loads((out / "kernel.json").read_text())
+    image = out / {"x86_64": "bzImage", "arm64": "Image", "armhf": "zImage"}[meta["arch"]]
+    argv = [
+        sys.executable, "-m", "pytest", "vmtests/test_flowtable.py", "vmtests/test_offload.py",
+        "-k", "not e1000", f"--kernel-image={image}", f"--modules={out / 'modules'}",
+        f"--arch={meta['arch']}", f"--log-dir={tmp_path}", "-p", "no:cacheprovider",
+    ]  # fmt: skip
+    result = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=1800)
+    print(result.stdout[-6000:], result.stderr[-3000:])
+    assert result.returncode == 0
+    assert f"kernel {meta['release']}" in result.stdout
