@@ -41,6 +41,7 @@ def test_flowtable_is_created_listed_and_deleted(nft):
     text = nft.run("list flowtable inet kt ft").stdout
     assert "flowtable ft" in text
     assert "hook ingress priority filter" in text or "hook ingress priority 0" in text
+    text = text.replace('"', "")  # nftables >= 1.1 quotes device names
     assert "devices = { lan, wan }" in text or "devices = { wan, lan }" in text
 
     [ft] = nft.flowtables()
@@ -52,7 +53,9 @@ def test_flowtable_is_created_listed_and_deleted(nft):
     assert "flowtable" not in nft.ruleset()
 
 
-def test_flowtable_on_missing_device_is_refused_and_ruleset_unchanged(nft):
+def test_flowtable_on_missing_device_is_refused_and_ruleset_unchanged(router, nft):
+    if tuple(int(x) for x in router.image.kernel_version.split(".")[:2]) >= (6, 16):
+        pytest.skip("since Linux 6.16 a flowtable may name devices that do not exist yet")
     assert nft.apply("add table inet kt").rc == 0
     before = nft.ruleset()
 
