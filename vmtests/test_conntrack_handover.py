@@ -140,6 +140,15 @@ def test_conntrack_delete_of_offloaded_entry(router, host, nft):
     assert result.intact, str(result)
 
 
+def _handed_back(host, entry: ct.Entry) -> None:
+    """Out of the flowtable, in a sane TCP state. On 6.1 and 6.12 alike the entry stays
+    ESTABLISHED after the close: conntrack's window went stale while offloaded, so it does not
+    take the FINs (and after a flush no rule needs conntrack any more, so it is not asked)."""
+    assert not entry.offloaded, entry.raw
+    assert entry.state in CLOSING | {"ESTABLISHED"}, entry.raw
+    _sane_timeout(host, entry)
+
+
 def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, int, ct.Entry]:
     """Offload a flow, then apply ``removal`` while the rest of the payload is being sent.
 
@@ -168,7 +177,7 @@ def test_deleting_flowtable_mid_transfer_falls_back_to_slow_path(router, host, n
     at_removal, forwarded, entry = _run_through_removal(router, host, nft, removal)
 
     assert nft.flowtables() == []
-    assert not entry.offloaded, entry.raw
+    _handed_back(host, entry)
     # the part sent after the removal crossed ip_forward (GRO merges a few frames per packet)
     left = NBYTES * 2 - at_removal
     assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"
@@ -178,6 +187,6 @@ def test_flushing_ruleset_mid_transfer_falls_back_to_slow_path(router, host, nft
     at_removal, forwarded, entry = _run_through_removal(router, host, nft, "flush ruleset")
 
     assert nft.ruleset().strip() == ""
-    assert not entry.offloaded, entry.raw
+    _handed_back(host, entry)
     left = NBYTES * 2 - at_removal
     assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"

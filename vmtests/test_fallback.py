@@ -30,9 +30,18 @@ def _loaded(host) -> list[str]:
 
 def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(router, host, nft):
     modprobe = ct.read_sysctl(host, "kernel.modprobe")
+    # load what the flowtable-less ruleset needs (nft_ct ...) while autoload still works
+    assert nft.apply(router_ruleset(flowtable=False)).rc == 0
+    host.check_output("nft flush ruleset")
     try:
-        # rmmod, not modprobe -r: that would take nf_tables along, and nft with it
-        unload = host.run(f"rmmod {' '.join(FLOWTABLE_MODULES)}")  # the reset left no users
+        # rmmod, not modprobe -r: that would take nf_tables along, and nft with it. The reset
+        # flushed the ruleset, but nf_tables frees the flowtable from a work item: retry.
+        mods = " ".join(FLOWTABLE_MODULES)  # users first
+        unload = host.run(
+            f"for i in $(seq 30); do for m in {mods}; do "
+            "[ -d /sys/module/$m ] && rmmod $m; done; "
+            "[ -d /sys/module/nf_flow_table ] || break; sleep 0.2; done"
+        )
         assert _loaded(host) == [], f"modules still loaded: {unload.stderr}"
         host.check_output("echo /bin/false >/proc/sys/kernel/modprobe")  # block autoload
 

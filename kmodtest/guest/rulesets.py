@@ -9,19 +9,21 @@ below the transferred traffic is the proof of offload.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from testinfra.backend.base import CommandResult
 
 from kmodtest.guest.nft import Nft
-from kmodtest.guest.traffic import forwarded_packets, link_stats
+from kmodtest.guest.traffic import FORWARDED_COUNTER, parse_forwarded
 
 TABLE = "kt"
 FLOWTABLE = "ft"
 SLOWPATH = "kt-slowpath"  # comment of the rule counting packets that took the forward chain
 ROUTER_PORTS = ("lan", "wan")
 FLOW_ADD_COMMENT = "kt-flow-add"
+INVALID = "kt-ct-invalid"  # comment of the rule counting packets conntrack found invalid
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ def router_ruleset(
         lines.append(
             f'    meta l4proto {{ tcp, udp }} flow add @{FLOWTABLE} comment "{FLOW_ADD_COMMENT}"'
         )
+    # keeps conntrack hooked even without ``flow add`` (so a negative control still shows
+    # entries), and counts what conntrack rejects, e.g. after a flow left the flowtable
+    lines.append(f'    ct state invalid counter comment "{INVALID}"')
     lines.append("  }")
     if nat:
         lines += [
@@ -75,20 +80,28 @@ def router_ruleset(
     return "\n".join(lines)
 
 
-def _rule(nft: Nft, comment: str, table: str) -> dict[str, Any]:
-    for obj in nft.json(f"chain inet {table} forward"):  # JSON always carries handles
+def _find_rule(objs: list[dict[str, Any]], comment: str) -> dict[str, Any]:
+    for obj in objs:
         rule = obj.get("rule")
         if rule and rule.get("comment") == comment:
             return dict(rule)
-    raise LookupError(f"no rule with comment {comment!r} in inet {table} forward")
+    raise LookupError(f"no rule with comment {comment!r} in the forward chain")
+
+
+def _rule(nft: Nft, comment: str, table: str) -> dict[str, Any]:
+    return _find_rule(nft.json(f"chain inet {table} forward"), comment)  # JSON carries handles
+
+
+def _counter(rule: dict[str, Any]) -> Counter:
+    for expr in rule["expr"]:
+        if "counter" in expr:
+            return Counter(int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
+    raise LookupError(f"rule {rule.get('comment')!r} has no counter")
 
 
 def read_counter(nft: Nft, comment: str = SLOWPATH, table: str = TABLE) -> Counter:
     """The counter of the forward-chain rule with this comment."""
-    for expr in _rule(nft, comment, table)["expr"]:
-        if "counter" in expr:
-            return Counter(int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
-    raise LookupError(f"rule {comment!r} has no counter")
+    return _counter(_rule(nft, comment, table))
 
 
 def flow_add_handle(nft: Nft, table: str = TABLE) -> int:
@@ -141,13 +154,21 @@ class PathSample:
         )
 
 
+_SEP = "=kt-sep="
+
+
 def sample_paths(
     nft: Nft, family: int, ports: tuple[str, ...] = ROUTER_PORTS, table: str = TABLE
 ) -> PathSample:
-    host = nft.host
-    slow = read_counter(nft, table=table)
-    rx = sum(link_stats(host, port).rx_packets for port in ports)
-    return PathSample(slow, forwarded_packets(host, family), rx)
+    """One guest round trip (each exec costs tens of ms under TCG, and tests sample often)."""
+    rx = " ".join(f"/sys/class/net/{port}/statistics/rx_packets" for port in ports)
+    out = nft.host.check_output(
+        f"nft -j list chain inet {table} forward; echo {_SEP}; cat {rx}; echo {_SEP}; "
+        f"{FORWARDED_COUNTER[family]}"
+    )
+    listing, rx_text, forwarded = out.split(_SEP)  # not '#': nft's release names may hold one
+    counter = _counter(_find_rule(json.loads(listing)["nftables"], SLOWPATH))
+    return PathSample(counter, parse_forwarded(forwarded, family), sum(map(int, rx_text.split())))
 
 
 HW_PROBE_TABLE = "kt_hw_probe"

@@ -316,19 +316,27 @@ def link_stats(host: testinfra.host.Host, dev: str, netns: str | None = None) ->
     return LinkStats(s["rx"]["packets"], s["rx"]["bytes"], s["tx"]["packets"], s["tx"]["bytes"])
 
 
+# shell commands printing the ip_forward / ip6_forward packet counter, and their parser
+FORWARDED_COUNTER = {
+    4: "grep '^Ip:' /proc/net/snmp",
+    6: "grep '^Ip6OutForwDatagrams' /proc/net/snmp6",
+}
+
+
+def parse_forwarded(text: str, family: int) -> int:
+    if family == 4:
+        names, values = (line.split() for line in text.strip().splitlines())
+        return int(dict(zip(names, values, strict=True))["ForwDatagrams"])
+    return int(text.split()[1])
+
+
 def forwarded_packets(host: testinfra.host.Host, family: int) -> int:
     """Packets the router forwarded through the classic IP path (ip_forward / ip6_forward).
 
     The flowtable's fast path transmits from the ingress hook and never reaches it, so this is
     a slow-path meter that does not depend on any nft rule (it still counts after a flush).
     """
-    if family == 4:
-        lines = [
-            line.split() for line in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
-        ]
-        return int(dict(zip(lines[0], lines[1], strict=True))["ForwDatagrams"])
-    out = host.check_output("grep '^Ip6OutForwDatagrams' /proc/net/snmp6")
-    return int(out.split()[1])
+    return parse_forwarded(host.check_output(FORWARDED_COUNTER[family]), family)
 
 
 def icmp_too_big_sent(host: testinfra.host.Host, family: int) -> int:
