@@ -130,7 +130,7 @@ def adhoc_cells(config: pytest.Config) -> list[Cell] | None:
         suite=config.getoption("userland_suite"),
     )
     spec = CellSpec(
-        id=f"local-{arch.name}", arch=arch.name, source=source, nics=("virtio-net-pci", "e1000")
+        id=f"local-{arch.debian}", arch=arch.name, source=source, nics=("virtio-net-pci", "e1000")
     )
     return [Cell(spec=spec, arch=arch, origin=image_path)]
 
