@@ -95,11 +95,17 @@ class DebianKernel(KernelSource):
         )
 
 
+# depmod's output: the image builder rewrites it in the user's tree, so it must not change the key
+_DEPMOD_FILES = re.compile(
+    r"^modules\.(dep|alias|symbols|softdep|devname|weakdep|builtin\.alias|builtin\.bin)"
+)
+
+
 def _tree_digest(path: Path) -> str:
     """Cheap identity of a directory tree: names, sizes and mtimes."""
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not _DEPMOD_FILES.match(p.name):
             st = p.stat()
             h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
