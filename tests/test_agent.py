@@ -128,3 +128,11 @@ def test_encoding_keeps_everything_on_one_line():
     encoded = encode_command("a b\nc\\d\tü%")
     assert "\n" not in encoded and " " not in encoded
     assert encoded == "a\\0040b\\0012c\\0134d\\0011\\0303\\0274%"
+
+
+def test_a_straggling_background_writer_never_leaks_into_the_next_reply(agent):
+    first = agent.run("(sleep 1; echo LATE; echo LATE >&2) & echo now")
+    assert first.stdout == b"now\n"
+    second = agent.run("sleep 2; echo second")
+    assert (second.stdout, second.stderr) == (b"second\n", b"")
+    assert agent.run("echo third").stdout == b"third\n"
