@@ -32,8 +32,15 @@ def alive(pid: int) -> bool:
 
 
 def test_sigint_mid_test_kills_qemu(repo, tmp_path):
+    _interrupt_mid_test(repo, tmp_path, signal.SIGINT)
+
+
+def _interrupt_mid_test(repo: Path, tmp_path: Path, sig: signal.Signals) -> None:
     test = tmp_path / "test_slow.py"
-    test.write_text("def test_slow(router):\n    router.run('sleep 120', timeout=150)\n")
+    test.write_text(
+        "def test_slow(router):\n    router.run('sleep 120', timeout=150)\n"
+        "def test_never_reached(router):\n    pass\n"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(test), "-p", "fixtures.router",
          f"--kernels-dir={repo / 'kernels'}", f"--images-dir={repo / 'images'}",
@@ -48,13 +55,18 @@ def test_sigint_mid_test_kills_qemu(repo, tmp_path):
             qemus = qemu_children(proc.pid)
         assert qemus, f"no QEMU appeared: {proc.stdout.read().decode() if proc.stdout else ''}"
         time.sleep(8)  # well inside the VM test now
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode != 0
         assert b"KeyboardInterrupt" in out or b"Interrupted" in out
+        assert b"passed" not in out  # the session stopped; the second test never ran
         time.sleep(0.5)
         assert [q for q in qemus if alive(q)] == [], out.decode()[-2000:]
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_sigterm_mid_test_stops_the_session_and_kills_qemu(repo, tmp_path):
+    _interrupt_mid_test(repo, tmp_path, signal.SIGTERM)

@@ -3,7 +3,8 @@
 Three layers, so no QEMU outlives the test run:
 1. the kernel kills the child when its parent dies (``PR_SET_PDEATHSIG``), even on SIGKILL;
 2. an ``atexit`` hook kills whatever is still registered on a normal interpreter exit;
-3. SIGTERM/SIGHUP are turned into ``SystemExit`` so pytest unwinds its fixtures first.
+3. SIGTERM/SIGHUP are turned into ``KeyboardInterrupt``, which pytest (unlike ``SystemExit``
+   in a test) treats as "stop the session", unwinding its fixtures first.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def kill_all() -> None:
         terminate(proc, grace=1.0)
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def install_signal_handlers() -> None:
@@ -77,7 +78,7 @@ def install_signal_handlers() -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) in (signal.SIG_DFL, None):
-            signal.signal(sig, _raise_exit)
+            signal.signal(sig, _raise_interrupt)
     _signals_installed = True
 
 
