@@ -159,7 +159,7 @@ def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, int
         t.wait_received()
         _offloaded(host, t)
         forwarded = traffic.forwarded_packets(host, 4)
-        t.feed(background=True)
+        t.feed(background=True, pace=0.2)  # the rest over a few seconds: removal lands mid-stream
         applied = nft.apply(removal)
         at_removal = t.received()
         t.wait_received()

@@ -180,8 +180,14 @@ waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; 
         )
         return self
 
-    def feed(self, nbytes: int | None = None, background: bool = False) -> None:
-        """Hand the next ``nbytes`` (default: the rest) of the source to the sender."""
+    def feed(
+        self, nbytes: int | None = None, background: bool = False, pace: float | None = None
+    ) -> None:
+        """Hand the next ``nbytes`` (default: the rest) of the source to the sender.
+
+        ``pace`` (seconds) spreads the bytes over time, 256 KiB per step, so that something
+        done "while the transfer runs" really happens mid-stream even on a fast fast path.
+        """
         n = self.nbytes - self.fed if nbytes is None else nbytes
         if n <= 0 or self.fed + n > self.nbytes:
             raise ValueError(f"cannot feed {n} B at offset {self.fed} of {self.nbytes}")
@@ -189,6 +195,15 @@ waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; 
             f"dd if=$d/src of=$d/in.fifo bs=64k iflag=skip_bytes,count_bytes "
             f"skip={self.fed} count={n} status=none"
         )
+        if pace is not None:
+            step = 256 * 1024
+            dd = (
+                f"off={self.fed}; end={self.fed + n}; while [ $off -lt $end ]; do "
+                f"c={step}; [ $((end - off)) -lt $c ] && c=$((end - off)); "
+                "dd if=$d/src of=$d/in.fifo bs=64k iflag=skip_bytes,count_bytes "
+                "skip=$off count=$c status=none || exit 1; "
+                f"off=$((off + c)); sleep {pace}; done"
+            )
         if background:
             self._sh(f"{dd} </dev/null >$d/feed.log 2>&1 &\necho $! >$d/feed.pid")
         else:
