@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import testinfra.host
@@ -54,7 +54,6 @@ class RouterVM:
     watch: ConsoleWatch | None = None
     boot_seconds: float = 0.0
     tainted: str | None = None  # why this VM must not be reused
-    _run_dir_owned: bool = field(default=True, repr=False)
 
     @classmethod
     def create(
@@ -165,5 +164,4 @@ class RouterVM:
             self.channel.close()
         if self.qemu is not None:
             self.qemu.stop()
-        if self._run_dir_owned:
-            shutil.rmtree(self.spec.run_dir, ignore_errors=True)
+        shutil.rmtree(self.spec.run_dir, ignore_errors=True)

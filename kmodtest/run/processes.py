@@ -57,11 +57,6 @@ def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
     return proc.returncode
 
 
-def running() -> list[subprocess.Popen[bytes]]:
-    with _lock:
-        return [p for p in _children if p.poll() is None]
-
-
 def kill_all() -> None:
     for proc in list(_children):
         terminate(proc, grace=1.0)
