@@ -18,6 +18,15 @@ NBYTES = 2_000_000
 CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
 # after a RST through an offloaded flow: the TCP timeout sysctl that caps the entry, per kernel
 RST_TIMEOUT_SYSCTL = {(6, 1): "close", (6, 12): "unacknowledged"}
+# Linux 6.14 changed what FIN and RST do to an offloaded flow ("netfilter: flowtable: add
+# CLOSING state", Pablo Neira Ayuso, net-next, January 2025). Before, the first FIN or RST tore
+# the flow down and the close went through conntrack. Since, it only marks the flow CLOSING: the
+# close rides the fast path, and the flow leaves the flowtable when it has idled for the
+# flowtable timeout (or a SYN reopens it), conntrack then set to CLOSE with the CLOSE timeout.
+CLOSING_STATE_SINCE = (6, 14)
+# the flowtable timeout during those tests: long enough that the flow cannot idle out before the
+# close (the host needs a few round trips), short enough not to wait the default 30 s after it
+FLOW_TIMEOUT_AT_CLOSE = 10
 
 
 @pytest.fixture
@@ -47,20 +56,29 @@ def _sane_timeout(host, entry: ct.Entry) -> None:
 
 
 def test_fin_hands_flow_back_to_conntrack(router, host, nft):
+    if _kernel(router) >= CLOSING_STATE_SINCE:
+        _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "fin")
+        return
     with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
         t.feed()
         t.wait_received()
         _offloaded(host, t)
+        before = sample_paths(nft, 4)
         result = t.close()  # FIN from the sender, then from the receiver
+        closed = sample_paths(nft, 4) - before
         entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
 
     assert not entry.offloaded, f"{entry.raw}{ct.state_report(host)}"
     assert entry.state in CLOSING and "ASSURED" in entry.flags, entry.raw
     _sane_timeout(host, entry)
+    assert closed.forwarded >= 2, f"the FINs did not take the classic path: {closed}"
     assert result.intact, str(result)
 
 
 def test_rst_hands_flow_back_to_conntrack(router, host, nft):
+    if _kernel(router) >= CLOSING_STATE_SINCE:
+        _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "rst")
+        return
     with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=True) as t:
         t.feed()
         t.wait_received()
@@ -80,6 +98,49 @@ def test_rst_hands_flow_back_to_conntrack(router, host, nft):
         f"{entry.raw}\nexpected a timeout <= nf_conntrack_tcp_timeout_{ceiling} ({limit})"
     )
     assert result.intact, str(result)  # everything sent before the RST had arrived
+
+
+def _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft: Nft, how: str) -> None:
+    """The 6.14+ expectation for FIN (``how="fin"``) and RST: see CLOSING_STATE_SINCE.
+
+    Only a flow marked CLOSING is handed back in CLOSE: one that merely idled out keeps the TCP
+    state conntrack last saw (ESTABLISHED, see the idle test), so CLOSE proves the FIN or RST
+    was seen on the fast path.
+    """
+    sysctl = {"net.netfilter.nf_flowtable_tcp_timeout": FLOW_TIMEOUT_AT_CLOSE}
+    with (
+        ct.sysctls(host, sysctl),
+        traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=how == "rst") as t,
+    ):
+        t.feed()
+        t.wait_received()
+        _offloaded(host, t)
+        before = sample_paths(nft, 4)
+        if how == "fin":
+            result = t.close()  # FIN from the sender, then from the receiver
+        else:
+            t.reset()  # the client dies with SO_LINGER 0: a RST crosses the router
+        closed = sample_paths(nft, 4) - before
+        entry = ct.wait_entry(
+            host, "tcp", t.flow.port, ct.in_classic_path, FLOW_TIMEOUT_AT_CLOSE + 50,
+            "hand-back of the CLOSING flow",
+        )  # fmt: skip
+        if how == "rst":
+            result = t.close()
+
+    assert closed.rx_packets >= 1, f"no {how.upper()} reached the router: {closed}"
+    assert closed.slowpath.packets == 0 and closed.forwarded == 0, (
+        f"the {how.upper()} took the classic path, not the flowtable: {closed}"
+    )
+    assert entry is not None and entry.state == "CLOSE", (
+        f"handed back in {entry and entry.state}, not CLOSE: the {how.upper()} did not mark the "
+        f"flow CLOSING\n{entry and entry.raw}"
+    )
+    limit = ct.tcp_timeout(host, "close")
+    assert entry.timeout is not None and 0 <= entry.timeout <= limit, (
+        f"{entry.raw}\nexpected a timeout <= nf_conntrack_tcp_timeout_close ({limit})"
+    )
+    assert result.intact, str(result)
 
 
 def _guest_uptime(host) -> float:
