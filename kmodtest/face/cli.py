@@ -106,6 +106,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args, cells, _builder(args))
 
 
+def cmd_bench_matrix(args: argparse.Namespace) -> int:
+    from kmodtest.face.benchmatrix import run_bench_matrix
+
+    args.kernel = args.kernel or "all"
+    _matrix, cells = _select(args)
+    return run_bench_matrix(args, cells, _builder(args))
+
+
+def _workers(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of worker counts: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts start at 1: {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmodtest", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -135,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-matrix",
+        help="run the suite on the selected cells serially and with -n N; compare wall time, "
+        "outcomes and boot time per arch",
+    )
+    _add_selectors(p)
+    p.add_argument("--workers", type=_workers, default=[1, 2],
+                   help="comma-separated pytest -n values, 1 = serial (default: 1,2)")  # fmt: skip
+    p.add_argument("--out", default="bench-matrix", help="JUnit XML and logs go here")
+    p.add_argument("--tests", nargs="+", default=["vmtests/"], help="what pytest runs")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="after --: passed to pytest as is")  # fmt: skip
+    p.set_defaults(func=cmd_bench_matrix)
 
     validate.add_parser(sub)
     kernelcmd.add_parser(sub)

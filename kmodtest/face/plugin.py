@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from kmodtest.build.images import ImageBuilder
 from kmodtest.build.recipes import load_recipe
 from kmodtest.errors import KmodtestError
 from kmodtest.face import patching
+from kmodtest.face.scheduling import make_scheduler
 from kmodtest.face.session import KmodtestSession, RouterPool, VmCase
 from kmodtest.guest.health import tail
 from kmodtest.progress import Progress
@@ -158,19 +160,15 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Under ``-n N``, distribute by VM case so each worker boots a given kernel once."""
-    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":
-        config.option.dist = "loadgroup"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        case = callspec.params.get(CASE_ARG) if callspec else None
-        if isinstance(case, VmCase):
-            item.add_marker(pytest.mark.xdist_group(f"{case.cell.id}-{case.nic}"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n N`` (xdist's default ``load``, or ``loadgroup``): one worker per VM case."""
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None or config.option.dist not in ("load", "loadgroup"):
+        return None
+    wanted = config.getoption("nic")
+    nics = [n.strip() for n in wanted.split(",")] if wanted else None
+    return make_scheduler(config, log, session.cells, nics)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -1,0 +1,41 @@
+"""Under ``-n N`` every test of a VM case must land in one scope, so one worker boots it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kmodtest.build.cells import load_matrix
+from kmodtest.face.scheduling import case_of
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cells():
+    return load_matrix(REPO / "kernels").select("all", None, None)
+
+
+def test_per_nic_and_per_kernel_ids_map_to_the_same_case():
+    all_cells = cells()
+    mod = "vmtests/test_offload.py::test_flow_is_offloaded_and_payload_intact"
+    per_nic = f"{mod}[debian-trixie-amd64-virtio-net-pci-tcp-ipv4-routed]"
+    per_kernel = "vmtests/test_flowtable.py::test_x[debian-trixie-amd64]"
+    assert case_of(per_nic, all_cells, None) == "debian-trixie-amd64-virtio-net-pci"
+    assert case_of(per_kernel, all_cells, None) == "debian-trixie-amd64-virtio-net-pci"
+    e1000 = f"{mod}[debian-trixie-amd64-e1000-tcp-ipv4-routed]"
+    assert case_of(e1000, all_cells, None) == "debian-trixie-amd64-e1000"
+
+
+def test_nic_selection_moves_per_kernel_tests_to_the_first_selected_nic():
+    nodeid = "vmtests/test_flowtable.py::test_x[debian-bookworm-arm64]"
+    assert case_of(nodeid, cells(), ["e1000"]) == "debian-bookworm-arm64-e1000"
+
+
+def test_every_cell_is_told_apart():
+    all_cells = cells()
+    groups = {case_of(f"t.py::t[{c.id}]", all_cells, None) for c in all_cells}
+    assert len(groups) == len(all_cells)
+
+
+def test_tests_without_a_vm_have_no_case():
+    assert case_of("tests/test_cells.py::test_select", cells(), None) is None
+    assert case_of("tests/test_x.py::test_p[1-2]", cells(), None) is None
