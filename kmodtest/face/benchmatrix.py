@@ -24,7 +24,7 @@ from rich.table import Table
 from kmodtest.build.cells import Cell
 from kmodtest.build.images import ImageBuilder
 
-console = Console()
+console = Console(width=max(Console().width, 110))
 
 
 @dataclass

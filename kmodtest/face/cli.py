@@ -124,6 +124,13 @@ def _workers(text: str) -> list[int]:
     return values
 
 
+def cmd_bench_offload(args: argparse.Namespace) -> int:
+    from kmodtest.face.benchoffload import run_bench_offload
+
+    _matrix, cells = _select(args, default_all=False)
+    return run_bench_offload(args, cells, _builder(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmodtest", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -167,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="after --: passed to pytest as is")  # fmt: skip
     p.set_defaults(func=cmd_bench_matrix)
+
+    p = sub.add_parser(
+        "bench-offload",
+        help="TCP throughput and ping RTT under load, with and without the flowtable, per cell",
+    )
+    _add_selectors(p)
+    p.add_argument("--megabytes", type=int, default=32, help="size of the throughput transfer")
+    p.add_argument("--pings", type=int, default=40, help="pings while the bulk transfer runs")
+    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    p.set_defaults(func=cmd_bench_offload)
 
     validate.add_parser(sub)
     kernelcmd.add_parser(sub)
