@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -50,3 +51,24 @@ def test_client_reaches_server_through_the_router(router):
     assert "1 packets received" in out
     out = router.check("ip netns exec client ping -c 1 -W 5 2001:db8:2::2")
     assert "1 packets received" in out
+
+
+def test_boot_without_agent_port_fails_at_once_with_the_reason(
+    kmodtest_session, monkeypatch, tmp_path
+):
+    """/init finds no agent port: the boot fails on its console message, not the timeout."""
+    from kmodtest.errors import MachineError
+    from kmodtest.guest.router import BOOT_TIMEOUT, RouterVM
+    from kmodtest.run import qemu
+
+    monkeypatch.setattr(qemu, "AGENT_PORT_NAME", "org.kmodtest.elsewhere")
+    cell = kmodtest_session.cells[0]
+    pool = kmodtest_session.pool
+    vm = RouterVM.create(
+        cell, pool.image(cell), cell.spec.nics[0], tmp_path / "logs", pool.accel_for(cell).accel
+    )
+    start = time.monotonic()
+    with pytest.raises(MachineError, match=r"no virtio-serial port named org\.kmodtest\.agent"):
+        vm.start()
+    assert time.monotonic() - start < BOOT_TIMEOUT, "waited out the boot timeout"
+    assert not vm.alive, "QEMU left running"

@@ -28,6 +28,8 @@ from kmodtest.run.qemu import QemuProcess
 
 log = logging.getLogger(__name__)
 
+# what /init prints when it finds no agent port (kmodtest/guest/files/init)
+NO_AGENT_MESSAGE = "no virtio-serial port named org.kmodtest.agent"
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 
 
@@ -101,8 +103,9 @@ class RouterVM:
             transport = UnixSocketTransport.connect(
                 self.spec.agent_socket, timeout=30, alive=lambda: self.alive
             )
-            self.channel = AgentChannel(transport, alive=lambda: self.alive)
+            self.channel = AgentChannel(transport, alive=self._booting)
             self.channel.run("true", timeout=timeout)
+            self.channel.alive = lambda: self.alive
             self.boot_seconds = time.monotonic() - start
             self.host = make_host(self.channel, self.spec.name)
             self.check(self.topology.setup_script(), timeout=60)
@@ -118,6 +121,20 @@ class RouterVM:
             raise
         log.info("%s up in %.2f s", self.spec.name, self.boot_seconds)
         return self
+
+    def _booting(self) -> bool:
+        """The channel's liveness check while booting: QEMU runs and /init has not given up.
+
+        /init says on the console when it finds no agent port; waiting out the boot timeout
+        after that would only hide the reason.
+        """
+        try:
+            console = self.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            console = ""
+        if NO_AGENT_MESSAGE in console:
+            raise MachineError(f"/init reported: {NO_AGENT_MESSAGE} (the guest cannot answer)")
+        return self.alive
 
     def _death_note(self) -> str:
         parts = []
