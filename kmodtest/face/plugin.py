@@ -25,6 +25,7 @@ from kmodtest.face.scheduling import make_scheduler
 from kmodtest.face.session import KmodtestSession, RouterPool, VmCase
 from kmodtest.guest.health import tail
 from kmodtest.progress import Progress
+from kmodtest.run.devices import missing_nic
 
 SESSION_KEY = pytest.StashKey[KmodtestSession]()
 CASE_ARG = "vm_case"
@@ -145,6 +146,10 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
             if session.explicit and kernel_opt != "all":
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
+            continue
+        for nic in cell.spec.nics:
+            if why := missing_nic(cell.arch.qemu_binary, nic):
+                session.nic_skips[(cell.id, nic)] = why
     if pool.overlay is not None:  # cells the module loop cannot build for (cross arches)
         session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
@@ -184,6 +189,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         version = image.kernel_version if image else "(image not built yet)"
         skip = f"  SKIP: {session.skips[cell.id]}" if cell.id in session.skips else ""
         lines.append(f"kmodtest cell {cell.id}: {cell.arch.name} kernel {version}{skip}")
+    by_reason: dict[str, list[str]] = {}
+    for (cell_id, _nic), why in session.nic_skips.items():
+        by_reason.setdefault(why, []).append(cell_id)
+    for why, cell_ids in by_reason.items():
+        lines.append(f"kmodtest SKIP on {len(cell_ids)} cell(s): {why}")
     for arch in sorted({c.arch.name for c in session.cells if c.id not in session.skips}):
         cell = next(c for c in session.cells if c.arch.name == arch)
         choice = session.pool.accel_for(cell)
@@ -208,7 +218,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         nics = [n for n in cell.spec.nics if wanted_nics is None or n in wanted_nics]
         for nic in nics if per_nic else nics[:1]:
             case = VmCase(cell, nic, per_nic)
-            skip = session.skips.get(cell.id)
+            skip = session.skips.get(cell.id) or session.nic_skips.get((cell.id, nic))
             marks = [pytest.mark.skip(reason=skip)] if skip else []
             params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize(CASE_ARG, params, scope="session")

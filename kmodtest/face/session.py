@@ -113,6 +113,8 @@ class KmodtestSession:
     log_root: Path
     keep_logs: bool
     skips: dict[str, str] = field(default_factory=dict)  # cell id -> why it cannot run here
+    # (cell id, NIC model) -> why that NIC cannot run here (e.g. igb before QEMU 8.0)
+    nic_skips: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def finish(self, failed: bool) -> None:
         self.pool.stop_current()
