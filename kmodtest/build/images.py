@@ -10,6 +10,7 @@ entry is trusted, which keeps test start-up offline and instant.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -70,9 +71,21 @@ def _guest_file(name: str) -> bytes:
     return resources.files("kmodtest.guest").joinpath("files", name).read_bytes()
 
 
+# the code that turns packages into an image: a change to it must not reuse old images
+BUILDER_MODULES = ("images.py", "debian.py", "modules.py", "kernels.py")
+
+
+@functools.cache
+def builder_digest() -> str:
+    """sha256 over the image builder's own source, so a cached image never outlives it."""
+    files = resources.files("kmodtest.build")
+    return _sha256(b"".join(files.joinpath(n).read_bytes() for n in BUILDER_MODULES))
+
+
 def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
     blob = {
         "layout": LAYOUT_VERSION,
+        "builder": builder_digest(),
         "recipe": recipe.digest(),
         "source": source.identity(),
         "arch": cell.arch.debian,
