@@ -131,6 +131,42 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
     return run_bench_offload(args, cells, _builder(args))
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from kmodtest.build import cacheinfo
+
+    cache = Cache(args.image_cache or default_cache_dir())
+    cells = load_matrix(args.kernels_dir).cells
+    entries = cacheinfo.cache_entries(cache)
+    stale = cacheinfo.stale_entries(cache, cells, args.images_dir)
+    if args.action == "list":
+        table = Table("kind", "entries", "size", "stale", "stale size", title=str(cache.root))
+        for kind in sorted({e.kind for e in entries}):
+            mine = [e for e in entries if e.kind == kind]
+            old = [e for e in stale if e.kind == kind]
+            table.add_row(kind, str(len(mine)), _mb(sum(e.size_bytes for e in mine)),
+                          str(len(old)), _mb(sum(e.size_bytes for e in old)))  # fmt: skip
+        Console().print(table)
+        print(f"total {_mb(sum(e.size_bytes for e in entries))}; "
+              f"`kmodtest cache prune` frees {_mb(sum(e.size_bytes for e in stale))}")  # fmt: skip
+        return 0
+    if args.all:
+        doomed = entries
+    elif args.kind:
+        doomed = [e for e in entries if e.kind in args.kind.split(",")]
+    else:
+        doomed = stale
+    for entry in doomed:
+        if not args.dry_run:
+            cacheinfo.remove(cache, entry)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(doomed)} entries, {_mb(sum(e.size_bytes for e in doomed))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmodtest", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -184,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pings", type=int, default=40, help="pings while the bulk transfer runs")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     p.set_defaults(func=cmd_bench_offload)
+
+    p = sub.add_parser("cache", help="what the cache holds; prune what nothing points to")
+    p.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    p.add_argument("--all", action="store_true", help="prune: empty the cache")
+    p.add_argument("--kind", help="prune: remove these kinds wholesale (e.g. sources,overlays)")
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    p.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
+    p.add_argument("--images-dir", type=Path, default=Path("images"))
+    p.add_argument("--image-cache", type=Path, default=None,
+                   help="default: $KMODTEST_CACHE or ~/.cache/kmodtest")  # fmt: skip
+    p.set_defaults(func=cmd_cache)
 
     validate.add_parser(sub)
     kernelcmd.add_parser(sub)

@@ -1,0 +1,91 @@
+"""What the cache holds, and what of it nothing points to any more (``kmodtest cache``).
+
+Live means reachable from the current matrix: for each cell of ``kernels/*.yaml``, the index
+entry of its input key and the image it names. Everything else in ``images/`` and ``index/``
+is from an older recipe, package set or builder, and so are leftovers of interrupted builds
+(``work/``, ``.<key>.*`` temporaries). The module-loop caches (``sources``, ``toolchains``,
+``overlays``, ``kernel-trees``) are listed with their size; ``--kind`` removes one wholesale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodtest.build.cache import Cache
+from kmodtest.build.cells import Cell
+from kmodtest.build.images import input_key
+from kmodtest.build.kernels import kernel_source_for
+from kmodtest.build.recipes import load_recipe
+
+NOT_ENTRIES = {"locks"}  # lock files are tiny and may be held by a running build
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str  # top-level directory: images, index, sources, ...
+    path: Path
+    size_bytes: int
+
+    @property
+    def temporary(self) -> bool:
+        return self.kind == "work" or self.path.name.startswith(".")
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed while we walk
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def cache_entries(cache: Cache) -> list[CacheEntry]:
+    entries = []
+    if not cache.root.is_dir():
+        return entries
+    for kind_dir in sorted(p for p in cache.root.iterdir() if p.is_dir()):
+        if kind_dir.name in NOT_ENTRIES:
+            continue
+        for path in sorted(kind_dir.iterdir()):
+            entries.append(CacheEntry(kind_dir.name, path, _size(path)))
+    return entries
+
+
+def live_paths(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> set[Path]:
+    """Index entries and images the current matrix's cells point to."""
+    live: set[Path] = set()
+    for cell in cells:
+        recipe = load_recipe(images_dir, cell.spec.image)
+        index = cache.root / "index" / f"{input_key(recipe, kernel_source_for(cell), cell)}.json"
+        if index.is_file():
+            live.add(index)
+            live.add(cache.path("images", json.loads(index.read_text())["image"]))
+    return live
+
+
+def stale_entries(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> list[CacheEntry]:
+    live = live_paths(cache, cells, images_dir)
+    return [
+        e
+        for e in cache_entries(cache)
+        if e.temporary or (e.kind in ("images", "index") and e.path not in live)
+    ]
+
+
+def remove(cache: Cache, entry: CacheEntry) -> None:
+    """Under the entry's build lock, so a build of the same key is never cut in half."""
+    key = entry.path.name.removesuffix(".json")
+    with cache.lock(entry.kind, key):
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            entry.path.unlink(missing_ok=True)
