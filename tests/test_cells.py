@@ -95,3 +95,12 @@ def test_duplicate_ids_and_default_count(tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(ConfigError, match="no kernel matrix files"):
         load_matrix(tmp_path)
+
+
+def test_append_reaches_the_kernel_command_line(tmp_path):
+    from kmodtest.guest.router import kernel_cmdline
+
+    text = GOOD.replace("    default: true\n", "    default: true\n    append: e1000e.IntMode=1\n")
+    a, b = load_matrix(write(tmp_path, text)).select("all")
+    assert kernel_cmdline(a).endswith(" e1000e.IntMode=1")
+    assert kernel_cmdline(b).startswith("console=ttyAMA0 ") and "IntMode" not in kernel_cmdline(b)

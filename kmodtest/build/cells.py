@@ -57,6 +57,7 @@ class CellSpec(_Strict):
     nics: tuple[str, ...] = ("virtio-net-pci",)
     machine: str | None = None  # override the arch's QEMU machine
     cpu: str | None = None  # override the arch's QEMU cpu
+    append: str = ""  # extra kernel command-line arguments, e.g. a driver's module option
     memory_mb: int = Field(default=512, ge=128, le=8192)
     default: bool = False  # the cell `pytest vmtests/` uses without --kernel
     ci: bool = False  # run by .ci/run (sized for 90 minutes on 2 cores)

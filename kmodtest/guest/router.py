@@ -38,10 +38,11 @@ def kernel_cmdline(cell: Cell) -> str:
     # WARNING/BUG/Oops splats, which the health check reads from the console log.
     # cryptomgr.notests and mitigations=off cut boot and syscall time under TCG; neither
     # changes what netfilter does.
-    return (
+    base = (
         f"console={cell.arch.console} panic=-1 loglevel=5 rdinit=/init "
         "cryptomgr.notests mitigations=off"
     )
+    return f"{base} {cell.spec.append}".strip()
 
 
 @dataclass
