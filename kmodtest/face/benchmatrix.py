@@ -23,6 +23,7 @@ from rich.table import Table
 
 from kmodtest.build.cells import Cell
 from kmodtest.build.images import ImageBuilder
+from kmodtest.face.scheduling import case_of
 
 console = Console(width=max(Console().width, 110))
 
@@ -36,6 +37,7 @@ class RunResult:
     exit_code: int
     outcomes: dict[str, str] = field(default_factory=dict)  # test id -> passed/failed/...
     boots: dict[str, tuple[str, float]] = field(default_factory=dict)  # boot dir -> (arch, s)
+    seconds: dict[str, float] = field(default_factory=dict)  # test id -> its time (JUnit)
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
@@ -56,6 +58,7 @@ def parse_junit(path: Path, mode: str, wall: float, exit_code: int) -> RunResult
         # an error in teardown adds a second entry for the same test: the worse one wins
         if result.outcomes.get(test_id) in (None, "passed"):
             result.outcomes[test_id] = outcome
+        result.seconds[test_id] = result.seconds.get(test_id, 0.0) + float(case.get("time", 0))
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         if "vm_boot" in props and "vm_boot_seconds" in props:
             result.boots[str(props["vm_boot"])] = (
@@ -116,6 +119,19 @@ def boot_table(result: RunResult) -> Table:
     return table
 
 
+def cell_table(result: RunResult, cells: list[Cell]) -> Table:
+    """Test time per cell (setup, which includes boots, + call + teardown), from the JUnit XML."""
+    per_cell: dict[str, list[float]] = defaultdict(list)
+    for test_id, seconds in result.seconds.items():
+        case = case_of(test_id, cells, None)
+        cell = next((c.id for c in cells if case and case.startswith(c.id + "-")), "(no VM)")
+        per_cell[cell].append(seconds)
+    table = Table("cell", "tests", "time (s)", title=f"suite time per cell ({result.mode} run)")
+    for cell_id, values in sorted(per_cell.items()):
+        table.add_row(cell_id, str(len(values)), f"{sum(values):.0f}")
+    return table
+
+
 def compare(results: list[RunResult]) -> list[str]:
     """Test ids whose outcome differs between the runs (or that one run lacks)."""
     ids = sorted(set().union(*(r.outcomes for r in results)))
@@ -151,6 +167,7 @@ def run_bench_matrix(args: argparse.Namespace, cells: list[Cell], builder: Image
         else:
             total = len(results[0].outcomes)
             console.print(f"same outcome for all {total} tests in every run")
+    console.print(cell_table(results[0], cells))
     for r in results:
         if r.boots:
             console.print(boot_table(r))
