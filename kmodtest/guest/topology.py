@@ -22,6 +22,17 @@ NIC_DRIVERS = {
     "rtl8139": "8139cp",
 }
 
+# Per NIC model, measured under QEMU 7.2 (TCG, dgram links):
+# - e1000e's emulation turns the guest's TSO super-frames into IP fragments on the wire; the
+#   router reassembles them and the flowtable never takes fragments, so nearly every byte went
+#   the classic path. One segment per send (no TSO) keeps frames whole.
+LINK_OPTIONS = {"e1000e": "gso_max_segs 1"}
+# - e1000e's driver sees carrier 1.5-2 s after the port comes up (and after a link reset, as an
+#   MTU change does); frames sent before that are queued for seconds or lost. Setup waits for
+#   carrier on every model; resets only on these.
+SLOW_CARRIER = {"e1000e"}
+CARRIER_WAIT = 20  # seconds (guest clock)
+
 
 @dataclass(frozen=True)
 class Port:
@@ -108,25 +119,26 @@ class Topology:
                 f'ip link set dev "$i" netns {e.netns}',
                 f'ip -n {e.netns} link set dev "$i" name {e.name}',
             ]
-        return "\n".join(lines) + "\n" + self.reset_script()
+        return "\n".join(lines) + "\n" + self.reset_script(wait_carrier=True)
 
-    def reset_script(self) -> str:
+    def reset_script(self, wait_carrier: bool = False) -> str:
         """Bring the network back to its known state: no rules, no flows, addresses, routes.
 
         One ``ip -batch`` per namespace: under TCG each exec of ``ip`` costs 50-100 ms, so
         twenty separate calls would dominate the per-test overhead.
         """
+        link = f"mtu 1500 {LINK_OPTIONS.get(self.nic_model, '')}".strip()
         router = []
         endpoints: dict[str, list[str]] = {}
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
             router += [
-                f"link set dev {r.name} mtu 1500 up",
+                f"link set dev {r.name} {link} up",
                 f"addr replace {r.ipv4} dev {r.name}",
                 f"addr replace {r.ipv6} dev {r.name} nodad",
             ]
             endpoints[str(e.netns)] = [
-                f"link set dev {e.name} mtu 1500 up",
+                f"link set dev {e.name} {link} up",
                 f"addr replace {e.ipv4} dev {e.name}",
                 f"addr replace {e.ipv6} dev {e.name} nodad",
                 f"route replace default via {_addr(r)}",
@@ -140,7 +152,34 @@ class Topology:
             _batch("ip -batch -", router),
         ]
         lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in endpoints.items()]
+        if wait_carrier or self.nic_model in SLOW_CARRIER:
+            lines.append(self._carrier_wait())
         return "\n".join(lines) + "\n"
+
+    def _carrier_wait(self) -> str:
+        """Shell: wait until every port sees carrier, else fail naming the ports without."""
+        checks = [
+            f'read c </sys/class/net/{p.name}/carrier 2>/dev/null || c=0; [ "$c" = 1 ] || '
+            f'down="$down {p.name}"'
+            for p in self.router_ports
+        ]
+        checks += [
+            f"ip -n {s.endpoint.netns} -o link show dev {s.endpoint.name} | grep -q LOWER_UP || "
+            f'down="$down {s.endpoint.netns}/{s.endpoint.name}"'
+            for s in self.segments
+        ]
+        body = "\n  ".join(checks)
+        return (
+            "read u _ </proc/uptime; end=$(( ${u%.*} + " + str(CARRIER_WAIT) + " ))\n"
+            "while :; do\n"
+            f'  down=""\n  {body}\n'
+            '  [ -z "$down" ] && break\n'
+            "  read u _ </proc/uptime\n"
+            '  [ ${u%.*} -lt $end ] || { echo "no carrier on$down after '
+            f'{CARRIER_WAIT} s" >&2; exit 1; }}\n'
+            "  sleep 0.1\n"
+            "done"
+        )
 
 
 def _batch(command: str, lines: list[str]) -> str:
