@@ -23,7 +23,10 @@ class VmCase:
 
     cell: Cell
     nic: str
-    per_nic: bool = False
+    # only the test id depends on it: equal cases share one VM, and pytest (which groups
+    # session-scoped parameters by equality) runs per-kernel tests next to the per-NIC tests
+    # of the same cell and NIC, so that VM boots once
+    per_nic: bool = field(default=False, compare=False)
 
     @property
     def id(self) -> str:
