@@ -53,18 +53,41 @@ def test_flowtable_is_created_listed_and_deleted(nft):
     assert "flowtable" not in nft.ruleset()
 
 
-def test_flowtable_on_missing_device_is_refused_and_ruleset_unchanged(router, nft):
-    if tuple(int(x) for x in router.image.kernel_version.split(".")[:2]) >= (6, 16):
-        pytest.skip("since Linux 6.16 a flowtable may name devices that do not exist yet")
+# Linux 6.16 let netdev hooks name devices that do not exist (yet): a flowtable naming one is
+# accepted, and hooks the device when it appears (Phil Sutter's "netfilter: nf_tables: Support
+# wildcard netdev hook specs" series). Before, the whole batch was refused with ENOENT.
+ABSENT_DEVICES_SINCE = (6, 16)
+
+
+def _kernel(router) -> tuple[int, int]:
+    major, minor = router.image.kernel_version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_flowtable_on_missing_device(router, host, nft):
+    """Before 6.16: refused, ruleset unchanged. Since: accepted, and the device, once it
+    appears, is hooked by the flowtable."""
     assert nft.apply("add table inet kt").rc == 0
     before = nft.ruleset()
 
     result = nft.apply(flowtable_rules(devices=("lan", "nosuch0")))
 
-    assert result.rc != 0
-    assert "No such file or directory" in result.stderr, result.stderr
-    assert nft.ruleset() == before
-    assert nft.flowtables() == []
+    if _kernel(router) < ABSENT_DEVICES_SINCE:
+        assert result.rc != 0
+        assert "No such file or directory" in result.stderr, result.stderr
+        assert nft.ruleset() == before
+        assert nft.flowtables() == []
+        return
+    assert result.rc == 0, result.stderr
+    assert [ft.name for ft in nft.flowtables()] == ["ft"]
+    assert "lan" in nft.flowtables()[0].devices
+    try:
+        host.check_output("ip link add nosuch0 type veth peer name nosuch1")
+        hooks = host.run("nft list hooks netdev device nosuch0")
+        assert hooks.rc == 0, hooks.stderr
+        assert "flow" in hooks.stdout, f"nosuch0 appeared but no flowtable hook on it:\n{hooks}"
+    finally:
+        host.run("ip link del nosuch0")
 
 
 def test_second_flowtable_on_same_devices_and_priority_is_refused(nft):
