@@ -29,7 +29,7 @@ from rich.table import Table
 
 from kmodtest.build.cells import Cell
 from kmodtest.build.images import ImageBuilder
-from kmodtest.face.session import RouterPool, VmCase
+from kmodtest.face.session import RouterPool, VmCase, case_nics, wanted_nics
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
 from kmodtest.guest.router import RouterVM
@@ -129,8 +129,7 @@ def run_bench_offload(args: argparse.Namespace, cells: list[Cell], builder: Imag
             accel = choose_accel(cell.arch, args.accel)
             pool = RouterPool(builder, Path(logs), accel=accel.accel)
             try:
-                nic = args.nic.split(",")[0] if args.nic else cell.spec.nics[0]
-                vm = pool.acquire(VmCase(cell, nic))
+                vm = pool.acquire(VmCase(cell, case_nics(cell, wanted_nics(args.nic))[0]))
                 console.print(f"{cell.id}: kernel {vm.image.kernel_version}, {accel.accel}")
                 on = measure(vm, True, nbytes, args.pings)
                 off = measure(vm, False, nbytes, args.pings)

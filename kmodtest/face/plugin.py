@@ -22,7 +22,13 @@ from kmodtest.build.recipes import load_recipe
 from kmodtest.errors import KmodtestError
 from kmodtest.face import patching
 from kmodtest.face.scheduling import make_scheduler
-from kmodtest.face.session import KmodtestSession, RouterPool, VmCase
+from kmodtest.face.session import (
+    KmodtestSession,
+    RouterPool,
+    VmCase,
+    case_nics,
+    wanted_nics,
+)
 from kmodtest.guest.health import tail
 from kmodtest.progress import Progress
 from kmodtest.run.devices import missing_nic
@@ -171,9 +177,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     session = config.stash.get(SESSION_KEY, None)
     if session is None or config.option.dist not in ("load", "loadgroup"):
         return None
-    wanted = config.getoption("nic")
-    nics = [n.strip() for n in wanted.split(",")] if wanted else None
-    return make_scheduler(config, log, session.cells, nics)
+    return make_scheduler(config, log, session.cells, wanted_nics(config.getoption("nic")))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -211,11 +215,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             "directory was found; pass --kernels-dir DIR"
         )
     per_nic = metafunc.definition.get_closest_marker("per_nic") is not None
-    wanted = metafunc.config.getoption("nic")
-    wanted_nics = [n.strip() for n in wanted.split(",")] if wanted else None
+    wanted = wanted_nics(metafunc.config.getoption("nic"))
     params = []
     for cell in session.cells:
-        nics = [n for n in cell.spec.nics if wanted_nics is None or n in wanted_nics]
+        nics = case_nics(cell, wanted)
         for nic in nics if per_nic else nics[:1]:
             case = VmCase(cell, nic, per_nic)
             skip = session.skips.get(cell.id) or session.nic_skips.get((cell.id, nic))

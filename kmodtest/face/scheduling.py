@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kmodtest.build.cells import Cell
+from kmodtest.face.session import case_nics
 
 
 def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> str | None:
@@ -26,7 +27,7 @@ def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> s
     for cell in sorted(cells, key=lambda c: len(c.id), reverse=True):
         if cell.id not in params:
             continue
-        selected = [n for n in cell.spec.nics if nics is None or n in nics]
+        selected = case_nics(cell, nics)
         for nic in selected:
             if f"{cell.id}-{nic}" in params:
                 return f"{cell.id}-{nic}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,19 @@ from kmodtest.guest.router import RouterVM
 from kmodtest.run.accel import AccelChoice, choose_accel
 
 log = logging.getLogger(__name__)
+
+
+def wanted_nics(option: str | None) -> list[str] | None:
+    """The ``--nic`` option as a list; None when absent (every model a cell lists)."""
+    return [n.strip() for n in option.split(",")] if option else None
+
+
+def case_nics(cell: Cell, wanted: Sequence[str] | None) -> list[str]:
+    """The NIC models a cell's per-NIC tests run on; its per-kernel tests use the first.
+
+    One rule for parametrization and for the xdist scheduler, which must agree on it.
+    """
+    return [n for n in cell.spec.nics if wanted is None or n in wanted]
 
 
 @dataclass(frozen=True)
