@@ -10,7 +10,6 @@ is from an older recipe, package set or builder, and so are leftovers of interru
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -19,9 +18,7 @@ from pathlib import Path
 
 from kmodtest.build.cache import Cache
 from kmodtest.build.cells import Cell
-from kmodtest.build.images import input_key
-from kmodtest.build.kernels import kernel_source_for
-from kmodtest.build.recipes import load_recipe
+from kmodtest.build.images import ImageBuilder
 
 NOT_ENTRIES = {"locks"}  # lock files are tiny and may be held by a running build
 
@@ -62,13 +59,11 @@ def cache_entries(cache: Cache) -> list[CacheEntry]:
 
 def live_paths(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> set[Path]:
     """Index entries and images the current matrix's cells point to."""
+    builder = ImageBuilder(cache, images_dir)
     live: set[Path] = set()
     for cell in cells:
-        recipe = load_recipe(images_dir, cell.spec.image)
-        index = cache.root / "index" / f"{input_key(recipe, kernel_source_for(cell), cell)}.json"
-        if index.is_file():
-            live.add(index)
-            live.add(cache.path("images", json.loads(index.read_text())["image"]))
+        if found := builder.indexed(cell):
+            live.update(found)
     return live
 
 

@@ -111,14 +111,20 @@ class ImageBuilder:
     def _index_path(self, in_key: str) -> Path:
         return self.cache.root / "index" / f"{in_key}.json"
 
-    def cached(self, cell: Cell) -> Image | None:
-        """The image the index points at for this cell, if it is on disk."""
+    def indexed(self, cell: Cell) -> tuple[Path, Path] | None:
+        """(index entry, image directory it names) for this cell's inputs, if indexed."""
         recipe = load_recipe(self.images_dir, cell.spec.image)
         index = self._index_path(input_key(recipe, kernel_source_for(cell), cell))
         if not index.is_file():
             return None
-        path = self.cache.path("images", json.loads(index.read_text())["image"])
-        return Image(path) if (path / "manifest.json").is_file() else None
+        return index, self.cache.path("images", json.loads(index.read_text())["image"])
+
+    def cached(self, cell: Cell) -> Image | None:
+        """The image the index points at for this cell, if it is on disk."""
+        found = self.indexed(cell)
+        if found is None or not (found[1] / "manifest.json").is_file():
+            return None
+        return Image(found[1])
 
     def get(self, cell: Cell, refresh: bool = False) -> Image:
         if not refresh and (image := self.cached(cell)):
