@@ -25,6 +25,10 @@ def _add_selectors(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: all)")
     parser.add_argument("--arch", help="only these arches")
     parser.add_argument("--nic", help="only cells offering these NIC models")
+    _add_dirs(parser)
+
+
+def _add_dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
     parser.add_argument("--images-dir", type=Path, default=Path("images"))
     parser.add_argument("--image-cache", type=Path, default=None,
@@ -226,10 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="prune: empty the cache")
     p.add_argument("--kind", help="prune: remove these kinds wholesale (e.g. sources,overlays)")
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
-    p.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
-    p.add_argument("--images-dir", type=Path, default=Path("images"))
-    p.add_argument("--image-cache", type=Path, default=None,
-                   help="default: $KMODTEST_CACHE or ~/.cache/kmodtest")  # fmt: skip
+    _add_dirs(p)
     p.set_defaults(func=cmd_cache)
 
     validate.add_parser(sub)
