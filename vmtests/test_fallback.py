@@ -72,8 +72,7 @@ def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(rout
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, nft, family):
     assert nft.apply(router_ruleset()).rc == 0
-    server = router.topology.server.ipv4 if family == 4 else router.topology.server.ipv6
-    server = server.split("/")[0]
+    server = router.topology.server.address(family)
     host.check_output("ip link set dev wan mtu 1280")  # the reset puts 1500 back
     try:
         too_big = traffic.icmp_too_big_sent(host, family)

@@ -25,10 +25,6 @@ def nft(host) -> Nft:
     return Nft(host)
 
 
-def _addr(cidr: str) -> str:
-    return cidr.split("/")[0]
-
-
 @pytest.mark.parametrize("nat", [False, True], ids=["routed", "masquerade"])
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
@@ -37,9 +33,9 @@ def test_flow_is_offloaded_and_payload_intact(router, host, nft, proto, family, 
     assert applied.rc == 0, applied.stderr
     topo = router.topology
     wan = topo.segments[1].router
-    client_ip = _addr(topo.client.ipv4 if family == 4 else topo.client.ipv6)
+    client_ip = topo.client.address(family)
     # masquerade rewrites the client to the router's wan address; the reply goes there
-    reply_dst = _addr(wan.ipv4 if family == 4 else wan.ipv6) if nat else client_ip
+    reply_dst = wan.address(family) if nat else client_ip
 
     for direction in ("up", "down"):
         before = sample_paths(nft, family)

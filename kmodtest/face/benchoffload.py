@@ -46,7 +46,7 @@ BULK_PORT = 5999
 def bulk(vm: RouterVM, seconds: float) -> Iterator[None]:
     """A TCP stream from /dev/zero, client -> server, for at most ``seconds`` (no files)."""
     assert vm.host is not None
-    server = vm.topology.server.ipv4.split("/")[0]
+    server = vm.topology.server.address(4)
     cli, srv = vm.topology.client.netns, vm.topology.server.netns
     vm.host.check_output(
         f"ip netns exec {srv} timeout {seconds + 5} socat -u "
@@ -76,7 +76,7 @@ class PathFigures:
 def ping_rtts(vm: RouterVM, count: int, interval: float) -> list[float]:
     """RTTs (ms) of ``count`` pings client -> server, one every ``interval`` s."""
     assert vm.host is not None
-    server = vm.topology.server.ipv4.split("/")[0]
+    server = vm.topology.server.address(4)
     ns = vm.topology.client.netns
     out = vm.host.run(
         f"ip netns exec {ns} ping -c {count} -i {interval} -W 5 {server}",

@@ -42,6 +42,10 @@ class Port:
     ipv4: str  # address/prefix
     ipv6: str
 
+    def address(self, family: int = 4) -> str:
+        """The bare address (no prefix) of the given IP family."""
+        return (self.ipv4 if family == 4 else self.ipv6).split("/")[0]
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -62,14 +66,6 @@ WAN = Segment(
     Port("wan", None, "52:54:00:6b:00:02", "198.51.100.1/24", "2001:db8:2::1/64"),
     Port("eth0", "server", "52:54:00:6b:02:01", "198.51.100.2/24", "2001:db8:2::2/64"),
 )
-
-
-def _addr(port: Port) -> str:
-    return port.ipv4.split("/")[0]
-
-
-def _addr6(port: Port) -> str:
-    return port.ipv6.split("/")[0]
 
 
 @dataclass(frozen=True)
@@ -141,8 +137,8 @@ class Topology:
                 f"link set dev {e.name} {link} up",
                 f"addr replace {e.ipv4} dev {e.name}",
                 f"addr replace {e.ipv6} dev {e.name} nodad",
-                f"route replace default via {_addr(r)}",
-                f"route replace default via {_addr6(r)}",  # family from the gateway
+                f"route replace default via {r.address(4)}",
+                f"route replace default via {r.address(6)}",  # family from the gateway
             ]
         lines = [
             "set -e",

@@ -21,7 +21,7 @@ from typing import Literal
 
 import testinfra.host
 
-from kmodtest.guest.topology import Port, Topology
+from kmodtest.guest.topology import Topology
 
 Proto = Literal["tcp", "udp"]
 Direction = Literal["up", "down"]  # up: client -> server, down: server -> client
@@ -85,10 +85,6 @@ class TransferResult:
         )
 
 
-def _addr(port: Port, family: int) -> str:
-    return (port.ipv4 if family == 4 else port.ipv6).split("/")[0]
-
-
 @dataclass
 class Transfer:
     """One flow's life: :meth:`start`, :meth:`feed`, :meth:`wait_received`, :meth:`close`."""
@@ -127,7 +123,7 @@ class Transfer:
     def _endpoints(self) -> tuple[list[str], list[str]]:
         """socat argv for (server, client); the server always listens."""
         f, port, d = self.flow, self.flow.port, self.workdir
-        server_ip = self.server_ip or _addr(self.topology.server, f.family)
+        server_ip = self.server_ip or self.topology.server.address(f.family)
         peer = f"[{server_ip}]" if f.family == 6 else server_ip
         fam = "" if f.family == 4 else "6"
         udp = f.proto == "udp"
@@ -386,7 +382,7 @@ def backup_path(host: testinfra.host.Host, topology: Topology) -> Iterator[Backu
     via the veth vanish with it)."""
     p = BackupPath()
     ns = topology.server.netns
-    wan_peer = _addr(topology.server, 4)
+    wan_peer = topology.server.address(4)
     setup = f"""set -e
 ip link add {p.router_dev} type veth peer name {p.server_dev} netns {ns}
 ip addr add {p.router_ip}/{p.prefix} dev {p.router_dev}
