@@ -36,11 +36,6 @@ def nft(host) -> Nft:
     return Nft(host)
 
 
-def _kernel(router) -> tuple[int, int]:
-    major, minor = router.image.kernel_version.split(".")[:2]
-    return int(major), int(minor)
-
-
 def _offloaded(host, t: traffic.Transfer) -> ct.Entry:
     entry = ct.the_entry(ct.proc_entries(host), t.flow.proto, t.flow.port)
     assert entry.offloaded, f"not offloaded before the handover:\n{entry.raw}"
@@ -56,7 +51,7 @@ def _sane_timeout(host, entry: ct.Entry) -> None:
 
 
 def test_fin_hands_flow_back_to_conntrack(router, host, nft):
-    if _kernel(router) >= CLOSING_STATE_SINCE:
+    if router.image.kernel_series >= CLOSING_STATE_SINCE:
         _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "fin")
         return
     with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
@@ -76,7 +71,7 @@ def test_fin_hands_flow_back_to_conntrack(router, host, nft):
 
 
 def test_rst_hands_flow_back_to_conntrack(router, host, nft):
-    if _kernel(router) >= CLOSING_STATE_SINCE:
+    if router.image.kernel_series >= CLOSING_STATE_SINCE:
         _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "rst")
         return
     with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=True) as t:
@@ -91,7 +86,7 @@ def test_rst_hands_flow_back_to_conntrack(router, host, nft):
     # Offloaded packets never updated conntrack's TCP window, so the RST's sequence number is
     # not the one conntrack expects: it keeps ESTABLISHED (room for an RFC 5961 challenge ACK)
     # but cuts the timeout; to the CLOSE one on 6.1, to the "unacknowledged" one on 6.12.
-    ceiling = RST_TIMEOUT_SYSCTL.get(_kernel(router), "unacknowledged")
+    ceiling = RST_TIMEOUT_SYSCTL.get(router.image.kernel_series, "unacknowledged")
     assert entry.state == "ESTABLISHED", entry.raw
     limit = ct.tcp_timeout(host, ceiling)
     assert entry.timeout is not None and 0 < entry.timeout <= limit, (

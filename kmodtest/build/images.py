@@ -62,6 +62,12 @@ class Image:
     def kernel_version(self) -> str:
         return str(self.manifest["kernel_version"])
 
+    @property
+    def kernel_series(self) -> tuple[int, int]:
+        """(major, minor) of the kernel, e.g. (6, 12): what per-kernel expectations key on."""
+        major, minor = self.kernel_version.split(".")[:2]
+        return int(major), int(minor)
+
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
