@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.arches import ARCHES
+from kmodtest.arches import ARCHES
 from kmodtest.errors import ConfigError
 from kmodtest.run import accel
 

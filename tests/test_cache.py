@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.cache import Cache, default_cache_dir
+from kmodtest.prepare.cache import Cache, default_cache_dir
 
 
 def test_failed_build_leaves_nothing(tmp_path):

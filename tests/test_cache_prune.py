@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmodtest.build.cells import load_matrix
-from kmodtest.build.images import input_key
-from kmodtest.build.kernels import kernel_source_for
-from kmodtest.build.recipes import load_recipe
 from kmodtest.face.cli import main
+from kmodtest.prepare.cells import load_matrix
+from kmodtest.prepare.images import input_key
+from kmodtest.prepare.kernels import kernel_source_for
+from kmodtest.prepare.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

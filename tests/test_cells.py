@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.cells import load_matrix
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.cells import load_matrix
 
 GOOD = """\
 cells:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kmodtest.build import images
-from kmodtest.build.cells import load_matrix
-from kmodtest.build.kernels import kernel_source_for
-from kmodtest.build.recipes import load_recipe
+from kmodtest.prepare import images
+from kmodtest.prepare.cells import load_matrix
+from kmodtest.prepare.kernels import kernel_source_for
+from kmodtest.prepare.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,4 +31,4 @@ def test_a_change_to_the_builder_code_changes_the_key(monkeypatch):
 def test_builder_digest_covers_the_builder_modules():
     assert len(images.builder_digest()) == 64
     for name in images.BUILDER_MODULES:
-        assert (REPO / "kmodtest" / "build" / name).is_file(), name
+        assert (REPO / "kmodtest" / "prepare" / name).is_file(), name

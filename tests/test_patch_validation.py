@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.kbuild import write_kbuild
-from kmodtest.build.modchange import ModuleChange, patch_paths, prepare
 from kmodtest.errors import ConfigError
 from kmodtest.guest.modload import parse
+from kmodtest.prepare.kbuild import write_kbuild
+from kmodtest.prepare.modchange import ModuleChange, patch_paths, prepare
 
 DATA = Path(__file__).parent / "data"
 NEVER_OFFLOAD = DATA / "flowtable-never-offload.patch"

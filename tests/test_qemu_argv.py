@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.arches import ARCHES
+from kmodtest.arches import ARCHES
 from kmodtest.errors import MachineError
 from kmodtest.guest.topology import Topology
 from kmodtest.run.machine import MachineSpec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kmodtest.build.recipes import load_recipe
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.recipes import load_recipe
 
 
 def test_default_recipe_has_the_tools_and_modules_the_suite_needs(repo):

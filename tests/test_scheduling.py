@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kmodtest.build.cells import load_matrix
 from kmodtest.face.scheduling import case_of
+from kmodtest.prepare.cells import load_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kmodtest.build.cells import load_matrix
 from kmodtest.face.cli import main as kmodtest_main
+from kmodtest.prepare.cells import load_matrix
 
 WORKFLOW = ".github/workflows/vmtests.yml"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell
-from kmodtest.build.images import ImageBuilder
 from kmodtest.face.session import RouterPool, VmCase
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import ImageBuilder
 from kmodtest.progress import Progress
 from kmodtest.run.accel import choose_accel
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kmodtest.build.cells import Cell
-from kmodtest.build.images import ImageBuilder
 from kmodtest.face.scheduling import case_of
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import ImageBuilder
 
 console = Console(width=max(Console().width, 110))
 

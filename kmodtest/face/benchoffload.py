@@ -27,13 +27,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kmodtest.build.cells import Cell
-from kmodtest.build.images import ImageBuilder
 from kmodtest.face.session import RouterPool, VmCase, case_nics, wanted_nics
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
 from kmodtest.guest.router import RouterVM
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import ImageBuilder
 from kmodtest.run.accel import choose_accel
 
 console = Console(width=max(Console().width, 110))

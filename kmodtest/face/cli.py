@@ -11,11 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kmodtest.build.cache import Cache, default_cache_dir
-from kmodtest.build.cells import Cell, Matrix, load_matrix
-from kmodtest.build.images import ImageBuilder
 from kmodtest.errors import KmodtestError
 from kmodtest.face import kernelcmd, validate
+from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cells import Cell, Matrix, load_matrix
+from kmodtest.prepare.images import ImageBuilder
 from kmodtest.progress import Progress
 
 console = Console()
@@ -140,7 +140,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from kmodtest.build import cacheinfo
+    from kmodtest.prepare import cacheinfo
 
     cache = Cache(args.image_cache or default_cache_dir())
     cells = load_matrix(args.kernels_dir).cells

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kmodtest.build.cache import Cache, default_cache_dir
-from kmodtest.build.kernelbuild import build_kernel, debian_source_tree
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.kernelbuild import build_kernel, debian_source_tree
 from kmodtest.progress import Progress
 
 console = Console()

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from kmodtest.build.arches import get_arch
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell, CellSpec, LocalSource
-from kmodtest.build.modchange import ModuleChange
-from kmodtest.build.overlay import OverlayBuilder, cross_build_skip
+from kmodtest.arches import get_arch
 from kmodtest.errors import ConfigError
 from kmodtest.guest.modload import load_failures
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell, CellSpec, LocalSource
+from kmodtest.prepare.modchange import ModuleChange
+from kmodtest.prepare.overlay import OverlayBuilder, cross_build_skip
 from kmodtest.progress import Progress
 
 LOAD_FAILURE_PROPERTY = "kmodtest_module_load_failure"

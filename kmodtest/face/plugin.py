@@ -15,10 +15,6 @@ from typing import Any
 
 import pytest
 
-from kmodtest.build.cache import Cache, default_cache_dir
-from kmodtest.build.cells import load_matrix
-from kmodtest.build.images import ImageBuilder
-from kmodtest.build.recipes import load_recipe
 from kmodtest.errors import KmodtestError
 from kmodtest.face import patching
 from kmodtest.face.scheduling import make_scheduler
@@ -30,6 +26,10 @@ from kmodtest.face.session import (
     wanted_nics,
 )
 from kmodtest.guest.health import tail
+from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cells import load_matrix
+from kmodtest.prepare.images import ImageBuilder
+from kmodtest.prepare.recipes import load_recipe
 from kmodtest.progress import Progress
 from kmodtest.run.devices import missing_nic
 

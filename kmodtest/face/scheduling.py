@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kmodtest.build.cells import Cell
 from kmodtest.face.session import case_nics
+from kmodtest.prepare.cells import Cell
 
 
 def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> str | None:

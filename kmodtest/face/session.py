@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell, Matrix
-from kmodtest.build.images import Image, ImageBuilder
 from kmodtest.guest.router import RouterVM
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell, Matrix
+from kmodtest.prepare.images import Image, ImageBuilder
 from kmodtest.run.accel import AccelChoice, choose_accel
 
 log = logging.getLogger(__name__)

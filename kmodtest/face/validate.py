@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kmodtest.build.cache import Cache, default_cache_dir
-from kmodtest.build.cells import Cell, load_matrix
-from kmodtest.build.images import ImageBuilder
-from kmodtest.build.modchange import ModuleChange
-from kmodtest.build.overlay import OverlayBuilder, OverlayTimings, cross_build_skip
 from kmodtest.errors import ConfigError, KmodtestError
 from kmodtest.face.patching import LOAD_FAILURE_PROPERTY
+from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cells import Cell, load_matrix
+from kmodtest.prepare.images import ImageBuilder
+from kmodtest.prepare.modchange import ModuleChange
+from kmodtest.prepare.overlay import OverlayBuilder, OverlayTimings, cross_build_skip
 from kmodtest.progress import Progress
 
 console = Console()

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import testinfra.host
 
-from kmodtest.build.cells import Cell
-from kmodtest.build.images import Image
 from kmodtest.errors import ChannelError, MachineError
 from kmodtest.guest.backend import make_host
 from kmodtest.guest.channel import AgentChannel, Reply, UnixSocketTransport
 from kmodtest.guest.health import ConsoleWatch, HealthProblem, tail
 from kmodtest.guest.topology import Topology
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import Image
 from kmodtest.run.machine import MachineSpec
 from kmodtest.run.qemu import QemuProcess
 

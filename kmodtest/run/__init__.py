@@ -1,1 +1,1 @@
-"""Run stage: machine descriptions, QEMU launcher, accelerator choice, child processes."""
+"""Run stage: machine descriptions, launchers, accelerator choice."""

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodtest.build.arches import Arch
+from kmodtest.arches import Arch
 from kmodtest.errors import ConfigError
 
 log = logging.getLogger(__name__)

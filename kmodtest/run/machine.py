@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build.arches import Arch
+from kmodtest.arches import Arch
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from kmodtest import processes
 from kmodtest.errors import MachineError
-from kmodtest.run import processes
 from kmodtest.run.machine import MachineSpec
 
 log = logging.getLogger(__name__)

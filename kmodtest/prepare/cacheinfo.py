@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell
-from kmodtest.build.images import ImageBuilder
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import ImageBuilder
 
 NOT_ENTRIES = {"locks"}  # lock files are tiny and may be held by a running build
 

@@ -13,9 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kmodtest.build.arches import ARCHES, Arch
-from kmodtest.build.yamlfile import load_model
+from kmodtest.arches import ARCHES, Arch
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.yamlfile import load_model
 
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "igb", "rtl8139")
 _ID = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -168,7 +168,7 @@ def load_matrix(directory: Path) -> Matrix:
     cells: list[Cell] = []
     seen: dict[str, Path] = {}
     for path in files:
-        fix = f"edit {path} (schema: kmodtest/build/cells.py)"
+        fix = f"edit {path} (schema: kmodtest/prepare/cells.py)"
         for spec in load_model(path, KernelsFile, fix).cells:
             if spec.id in seen:
                 raise ConfigError(f"{path}: cell id {spec.id!r} also in {seen[spec.id]}", fix)

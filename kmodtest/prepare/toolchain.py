@@ -23,11 +23,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from kmodtest.build import debian
-from kmodtest.build.cache import Cache
+from kmodtest import processes
 from kmodtest.errors import BuildError
+from kmodtest.prepare import debian
+from kmodtest.prepare.cache import Cache
 from kmodtest.progress import Progress
-from kmodtest.run import processes
 
 # Bump when the chroot's layout or package list changes in a way the key does not capture.
 TOOLCHAIN_LAYOUT = 1

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmodtest.build import debian, kbuild, modules
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell, DebianSource
-from kmodtest.build.images import Image
-from kmodtest.build.ksource import get_sources
-from kmodtest.build.modchange import ModuleChange, Workspace, prepare
-from kmodtest.build.toolchain import MOUNT_POINT, KernelPackages, get_toolchain
 from kmodtest.errors import BuildError, ConfigError
+from kmodtest.prepare import debian, kbuild, modules
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell, DebianSource
+from kmodtest.prepare.images import Image
+from kmodtest.prepare.ksource import get_sources
+from kmodtest.prepare.modchange import ModuleChange, Workspace, prepare
+from kmodtest.prepare.toolchain import MOUNT_POINT, KernelPackages, get_toolchain
 from kmodtest.progress import Progress
 
 OVERLAY_LAYOUT = 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kmodtest.build.yamlfile import load_model
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.yamlfile import load_model
 
 
 class RecipeSpec(BaseModel):

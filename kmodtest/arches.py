@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kmodtest.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -68,6 +70,4 @@ def get_arch(name: str) -> Arch:
     try:
         return ARCHES[name]
     except KeyError:
-        from kmodtest.errors import ConfigError
-
         raise ConfigError(f"unknown arch {name!r}", f"use one of: {', '.join(ARCHES)}") from None

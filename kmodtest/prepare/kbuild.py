@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build.modchange import MODULE_DIR, Workspace
-from kmodtest.build.toolchain import MOUNT_POINT, Toolchain
 from kmodtest.errors import BuildError
+from kmodtest.prepare.modchange import MODULE_DIR, Workspace
+from kmodtest.prepare.toolchain import MOUNT_POINT, Toolchain
 from kmodtest.progress import Progress
 
 # kmod-nft-offload: always rebuilt, so an unpatched run is a real control

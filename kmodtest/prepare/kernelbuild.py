@@ -1,6 +1,6 @@
 """``kmodtest kernel build``: a minimal kernel for this suite from a Linux tree or Debian's sources.
 
-``tinyconfig`` plus :mod:`kmodtest.build.kconfig`'s fragment, compiled in a chroot of a Debian
+``tinyconfig`` plus :mod:`kmodtest.prepare.kconfig`'s fragment, compiled in a chroot of a Debian
 suite's toolchain (gcc, flex, bison, libelf ...; the host needs none of it), then
 ``modules_install`` into ``OUT/modules``. The result boots with
 ``pytest vmtests/ --kernel-image OUT/<image> --modules OUT/modules``.
@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build import debian
-from kmodtest.build.cache import Cache
-from kmodtest.build.kbuild import MAX_JOBS
-from kmodtest.build.kconfig import KERNEL_ARCHES, fragment, unmet
-from kmodtest.build.toolchain import KernelPackages, fetch_packages, get_chroot, run_in_chroot
 from kmodtest.errors import BuildError, ConfigError
+from kmodtest.prepare import debian
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.kbuild import MAX_JOBS
+from kmodtest.prepare.kconfig import KERNEL_ARCHES, fragment, unmet
+from kmodtest.prepare.toolchain import KernelPackages, fetch_packages, get_chroot, run_in_chroot
 from kmodtest.progress import Progress
 
 KERNEL_TOOLS = (

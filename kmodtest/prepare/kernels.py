@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmodtest.build.arches import Arch
-from kmodtest.build.cells import Cell, DebianSource, LocalSource
+from kmodtest.arches import Arch
 from kmodtest.errors import BuildError, ConfigError
+from kmodtest.prepare.cells import Cell, DebianSource, LocalSource
 
 # What a Debian linux-image package installs besides the modules the closure picks: the kernel
 # file itself (boot/, or usr/lib/modules/<ver>/vmlinuz since trixie's successors) and the

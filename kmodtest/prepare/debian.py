@@ -13,10 +13,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodtest.build.kernels import parse_deb_filename
+from kmodtest import processes
 from kmodtest.errors import BuildError
+from kmodtest.prepare.kernels import parse_deb_filename
 from kmodtest.progress import Progress
-from kmodtest.run import processes
 
 _DEBS_LIST = ".kmodtest-debs"
 # drops the -updates and -security lines mmdebstrap wrote, before its apt-get update

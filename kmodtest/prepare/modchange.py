@@ -15,8 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build.debian import require_tool
 from kmodtest.errors import ConfigError
+from kmodtest.prepare.debian import require_tool
 
 MODULE_DIR = "net/netfilter"
 _PATCH_PATH = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?(\S+)")

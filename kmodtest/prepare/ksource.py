@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodtest.build import debian
-from kmodtest.build.cache import Cache
-from kmodtest.build.toolchain import KernelPackages, debian_key, fetch_packages
 from kmodtest.errors import BuildError
+from kmodtest.prepare import debian
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.toolchain import KernelPackages, debian_key, fetch_packages
 from kmodtest.progress import Progress
 
 SOURCES_LAYOUT = 1

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from kmodtest import __version__
-from kmodtest.build import debian, modules
-from kmodtest.build.cache import Cache
-from kmodtest.build.cells import Cell
-from kmodtest.build.kernels import KernelSource, KernelTree, kernel_source_for
-from kmodtest.build.recipes import Recipe, load_recipe
 from kmodtest.errors import BuildError
+from kmodtest.prepare import debian, modules
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.kernels import KernelSource, KernelTree, kernel_source_for
+from kmodtest.prepare.recipes import Recipe, load_recipe
 from kmodtest.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ BUILDER_MODULES = ("images.py", "debian.py", "modules.py", "kernels.py")
 @functools.cache
 def builder_digest() -> str:
     """sha256 over the image builder's own source, so a cached image never outlives it."""
-    files = resources.files("kmodtest.build")
+    files = resources.files("kmodtest.prepare")
     return _sha256(b"".join(files.joinpath(n).read_bytes() for n in BUILDER_MODULES))
 
 

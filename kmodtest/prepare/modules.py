@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.build.debian import require_tool
 from kmodtest.errors import BuildError
+from kmodtest.prepare.debian import require_tool
 
 _INSMOD = re.compile(r"^insmod (\S+)")
 _BUILTIN = re.compile(r"^builtin (\S+)")

@@ -1,1 +1,0 @@
-"""Build stage: matrix cells, kernel sources, images and their cache."""

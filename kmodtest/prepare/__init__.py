@@ -1,0 +1,1 @@
+"""Prepare stage: what boots. Matrix cells, kernel sources, images, module overlays, cache."""
