@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import testinfra.host
@@ -23,8 +23,8 @@ from kmodtest.guest.health import ConsoleWatch, HealthProblem, tail
 from kmodtest.guest.topology import Topology
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import Image
+from kmodtest.run.launcher import Launcher, QemuLauncher, RunningMachine
 from kmodtest.run.machine import MachineSpec
-from kmodtest.run.qemu import QemuProcess
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class RouterVM:
     image: Image
     topology: Topology
     spec: MachineSpec
-    qemu: QemuProcess | None = None
+    launcher: Launcher = field(default_factory=QemuLauncher)
+    qemu: RunningMachine | None = None  # the running VM, whichever launcher started it
     channel: AgentChannel | None = None
     host: testinfra.host.Host | None = None
     watch: ConsoleWatch | None = None
@@ -98,7 +99,7 @@ class RouterVM:
     def start(self, timeout: float = BOOT_TIMEOUT) -> RouterVM:
         """Boot and wait for the first command to answer; on any failure nothing is left running."""
         start = time.monotonic()
-        self.qemu = QemuProcess.start(self.spec)
+        self.qemu = self.launcher.start(self.spec)
         self.watch = ConsoleWatch(self.console_log)
         try:
             transport = UnixSocketTransport.connect(
@@ -140,7 +141,7 @@ class RouterVM:
     def _death_note(self) -> str:
         parts = []
         if self.qemu is not None and not self.qemu.alive:
-            parts.append(f"\nQEMU exited with {self.qemu.proc.returncode}")
+            parts.append(f"\n{self.launcher.name}: the VM exited with {self.qemu.returncode}")
             if err := self.qemu.stderr_text():
                 parts.append(f"QEMU said: {err[-800:]}")
         parts.append(f"last console lines:\n{tail(self.console_log)}")

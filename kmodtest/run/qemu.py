@@ -90,6 +90,10 @@ class QemuProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
     def stderr_text(self) -> str:
         try:
             return (self.spec.log_dir / "qemu.stderr").read_text(errors="replace").strip()

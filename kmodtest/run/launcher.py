@@ -1,0 +1,48 @@
+"""How a :class:`MachineSpec` becomes a running machine: the seam between backends.
+
+QEMU as a subprocess is one launcher; libvirt (a transient domain rendered from the same spec)
+is another. Everything above this module (channel, Host, health, lifecycle) talks to a
+:class:`RunningMachine` and never asks which launcher made it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from kmodtest.run.machine import MachineSpec
+
+
+class RunningMachine(Protocol):
+    """A started VM: its agent socket and console log are where ``spec`` says."""
+
+    spec: MachineSpec
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the VM is gone (None while it runs or when unknown)."""
+
+    def stderr_text(self) -> str:
+        """What the hypervisor said (QEMU's stderr, libvirt's domain log), for error reports."""
+
+    def stop(self) -> int | None:
+        """Stop the VM for good and release everything it held; idempotent."""
+
+
+class Launcher(Protocol):
+    name: str  # "qemu", "libvirt": what --backend selects
+
+    def start(self, spec: MachineSpec) -> RunningMachine: ...
+
+
+class QemuLauncher:
+    """QEMU as a registered child process (see :mod:`kmodtest.run.qemu`)."""
+
+    name = "qemu"
+
+    def start(self, spec: MachineSpec) -> RunningMachine:
+        from kmodtest.run.qemu import QemuProcess
+
+        return QemuProcess.start(spec)
