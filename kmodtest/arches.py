@@ -1,13 +1,42 @@
 """Each CPU architecture as a small record of data (like KUnit's ``qemu_configs/<arch>.py``).
 
-Adding an architecture is adding a record here; nothing else switches on the arch name.
+Adding an architecture is adding a record here; nothing else switches on the arch name: QEMU
+(binary, machine, cpu, console), Debian (dpkg arch, where kernel packages put the image), the
+host (which machines run it natively or under KVM, how to prove KVM works) and kbuild (ARCH=,
+cross compiler, image target, the kconfig lines its QEMU machine needs).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from kmodtest.errors import ConfigError
+
+# where Debian's linux-image packages put the kernel file, tried in order
+DEBIAN_KERNEL_GLOB = ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz")
+
+
+@dataclass(frozen=True)
+class KvmProbe:
+    """A tiny firmware that makes QEMU exit with ``exit_status`` once the guest ran it: proof
+    that KVM really executes guest code (``/dev/kvm`` existing is not enough on nested hosts)."""
+
+    machine: str
+    firmware: bytes
+    devices: tuple[str, ...]
+    exit_status: int
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """How kbuild names the arch, and what its QEMU machine needs in a minimal kernel."""
+
+    karch: str  # ARCH=
+    image: str  # make target, and arch/<karch>/boot/<image>
+    kconfig: tuple[str, ...]  # CONFIG_ lines on top of the suite's common fragment
+    cross: str = ""  # CROSS_COMPILE= on an amd64 host ('' = native)
+    cross_package: str = ""  # Debian package with that cross compiler ('' = none needed)
 
 
 @dataclass(frozen=True)
@@ -15,14 +44,35 @@ class Arch:
     name: str  # kmodtest's name, used in cell ids and --arch
     debian: str  # dpkg architecture
     qemu_binary: str
+    qemu_package: str  # Debian package providing qemu_binary (for fix hints and .ci/run)
     machine: str
     cpu: str
     console: str  # guest console device for console=
-    kernel_glob: tuple[str, ...]  # where Debian's kernel packages put the image, tried in order
-    host_machines: tuple[str, ...]  # ``uname -m`` values that can run it under KVM
-    qemu_package: str  # Debian package providing qemu_binary (for fix hints and .ci/run)
+    kbuild: KernelBuild
+    uname: tuple[str, ...]  # ``uname -m`` of hosts of this arch (native builds, no emulation)
+    kvm_hosts: tuple[str, ...]  # ``uname -m`` of hosts that can run it under KVM
+    kvm_cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags, one of which KVM needs
+    kvm_probe: KvmProbe | None = None
+    kernel_glob: tuple[str, ...] = DEBIAN_KERNEL_GLOB
     extra_args: tuple[str, ...] = field(default=())
 
+
+def _x86_exit_bios(code: int) -> bytes:
+    """64 KiB BIOS whose reset vector writes ``code`` to isa-debug-exit (port 0xf4)."""
+    image = bytearray(b"\xf4" * 0x10000)  # hlt everywhere
+    image[0xFFF0:0xFFF6] = bytes([0xB0, code, 0xE6, 0xF4, 0xF4, 0xF4])  # mov al,code; out 0xf4,al
+    return bytes(image)
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# QEMU's arm "virt" machine (both arm arches): a PL011 serial console, a generic PCI host bridge
+_ARM_VIRT = {"qemu_package": "qemu-system-arm", "machine": "virt", "console": "ttyAMA0"}
+_ARM_VIRT_KCONFIG = (
+    "CONFIG_SERIAL_AMBA_PL011=y CONFIG_SERIAL_AMBA_PL011_CONSOLE=y CONFIG_PCI_HOST_GENERIC=y"
+)
 
 ARCHES: dict[str, Arch] = {
     a.name: a
@@ -31,36 +81,59 @@ ARCHES: dict[str, Arch] = {
             name="x86_64",
             debian="amd64",
             qemu_binary="qemu-system-x86_64",
+            qemu_package="qemu-system-x86",
             machine="pc",
             cpu="max",
             console="ttyS0",
-            kernel_glob=("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz"),
-            host_machines=("x86_64",),
-            qemu_package="qemu-system-x86",
+            kbuild=KernelBuild(
+                karch="x86",
+                image="bzImage",
+                kconfig=_lines("""
+                    CONFIG_64BIT=y CONFIG_SERIAL_8250=y CONFIG_SERIAL_8250_CONSOLE=y
+                    CONFIG_HYPERVISOR_GUEST=y CONFIG_PARAVIRT=y CONFIG_KVM_GUEST=y CONFIG_ACPI=y
+                """),
+            ),
+            uname=("x86_64",),
+            kvm_hosts=("x86_64",),
+            kvm_cpu_flags=("vmx", "svm"),
+            # QEMU exits with (code << 1) | 1 when the guest writes code to isa-debug-exit
+            kvm_probe=KvmProbe(
+                "pc", _x86_exit_bios(0x31), ("isa-debug-exit,iobase=0xf4,iosize=0x04",), 0x63
+            ),
         ),
         Arch(
             name="arm64",
             debian="arm64",
             qemu_binary="qemu-system-aarch64",
-            machine="virt",
+            **_ARM_VIRT,
             # pointer authentication (QARMA) emulated in TCG triples boot and command time;
             # without it, max keeps the newest ISA (LSE atomics, ...) at cortex-a57's speed
             cpu="max,pauth=off",
-            console="ttyAMA0",
-            kernel_glob=("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz"),
-            host_machines=("aarch64",),
-            qemu_package="qemu-system-arm",
+            kbuild=KernelBuild(
+                karch="arm64",
+                cross="aarch64-linux-gnu-",
+                cross_package="gcc-aarch64-linux-gnu",
+                image="Image",
+                kconfig=_lines(f"{_ARM_VIRT_KCONFIG} CONFIG_ARM_GIC_V3=y"),
+            ),
+            uname=("aarch64",),
+            kvm_hosts=("aarch64",),
         ),
         Arch(
             name="armhf",
             debian="armhf",
             qemu_binary="qemu-system-arm",
-            machine="virt",
+            **_ARM_VIRT,
             cpu="cortex-a15",
-            console="ttyAMA0",
-            kernel_glob=("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz"),
-            host_machines=(),
-            qemu_package="qemu-system-arm",
+            kbuild=KernelBuild(
+                karch="arm",
+                cross="arm-linux-gnueabihf-",
+                cross_package="gcc-arm-linux-gnueabihf",
+                image="zImage",
+                kconfig=_lines(f"CONFIG_ARCH_VIRT=y CONFIG_ARM_LPAE=y {_ARM_VIRT_KCONFIG}"),
+            ),
+            uname=("armv7l", "armv8l"),
+            kvm_hosts=(),
         ),
     )
 }
@@ -71,3 +144,15 @@ def get_arch(name: str) -> Arch:
         return ARCHES[name]
     except KeyError:
         raise ConfigError(f"unknown arch {name!r}", f"use one of: {', '.join(ARCHES)}") from None
+
+
+def host_arch() -> Arch | None:
+    """The arch of the machine kmodtest runs on (None: one it has no record for)."""
+    machine = os.uname().machine
+    return next((a for a in ARCHES.values() if machine in a.uname), None)
+
+
+def host_debian_arch() -> str:
+    """The host's dpkg architecture, or its ``uname -m`` when no record matches."""
+    host = host_arch()
+    return host.debian if host else os.uname().machine

@@ -38,6 +38,6 @@ def test_auto_on_this_host_matches_its_cpu_flags():
 
 
 def test_probe_bios_has_reset_vector_program():
-    bios = accel._x86_probe_bios()
+    bios = ARCHES["x86_64"].kvm_probe.firmware
     assert len(bios) == 0x10000
     assert bios[0xFFF0:0xFFF4] == bytes([0xB0, 0x31, 0xE6, 0xF4])

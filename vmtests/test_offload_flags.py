@@ -20,7 +20,7 @@ from kmodtest.guest.rulesets import (
     router_ruleset,
     sample_paths,
 )
-from kmodtest.guest.topology import NIC_DRIVERS
+from kmodtest.nics import NICS
 
 pytestmark = pytest.mark.per_nic
 
@@ -105,11 +105,11 @@ def test_fw4_probe_finds_no_hw_offload_and_software_flowtable_is_used(router, ho
 
 def test_hw_offload_on_passthrough_nic(router, host, nft):
     nic = router.topology.nic_model
-    if nic in NIC_DRIVERS:
+    if nic in NICS:
         pytest.skip(
             f"[HW_OFFLOAD] needs a passthrough NIC whose driver binds flowtables "
             f"(ndo_setup_tc TC_SETUP_FT, e.g. mlx5, mtk_eth); this cell's router ports are "
-            f"QEMU-emulated {nic} ({NIC_DRIVERS[nic]}), and no cell has a passthrough NIC"
+            f"QEMU-emulated {nic} ({NICS[nic].driver}), and no cell has a passthrough NIC"
         )
     applied = nft.apply(router_ruleset(offload=True))
     assert applied.rc == 0, applied.stderr

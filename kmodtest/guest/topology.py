@@ -11,26 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodtest.nics import get_nic
 from kmodtest.run.machine import DgramLink, Nic
 
-# the guest driver for each QEMU NIC model, loaded before the NICs are looked up
-NIC_DRIVERS = {
-    "virtio-net-pci": "virtio_net",
-    "e1000": "e1000",
-    "e1000e": "e1000e",
-    "igb": "igb",
-    "rtl8139": "8139cp",
-}
-
-# Per NIC model, measured under QEMU 7.2 (TCG, dgram links):
-# - e1000e's emulation turns the guest's TSO super-frames into IP fragments on the wire; the
-#   router reassembles them and the flowtable never takes fragments, so nearly every byte went
-#   the classic path. One segment per send (no TSO) keeps frames whole.
-LINK_OPTIONS = {"e1000e": "gso_max_segs 1"}
-# - e1000e's driver sees carrier 1.5-2 s after the port comes up (and after a link reset, as an
-#   MTU change does); frames sent before that are queued for seconds or lost. Setup waits for
-#   carrier on every model; resets only on these.
-SLOW_CARRIER = {"e1000e"}
 CARRIER_WAIT = 20  # seconds (guest clock)
 
 
@@ -100,7 +83,7 @@ class Topology:
         """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`."""
         lines = [
             "set -e",
-            f"modprobe {NIC_DRIVERS[self.nic_model]}",
+            f"modprobe {get_nic(self.nic_model).driver}",
             "byaddr() { for i in /sys/class/net/*; do "
             '[ "$(cat $i/address)" = "$1" ] && echo "${i##*/}"; done; return 0; }',
         ]
@@ -123,7 +106,8 @@ class Topology:
         One ``ip -batch`` per namespace: under TCG each exec of ``ip`` costs 50-100 ms, so
         twenty separate calls would dominate the per-test overhead.
         """
-        link = f"mtu 1500 {LINK_OPTIONS.get(self.nic_model, '')}".strip()
+        nic = get_nic(self.nic_model)
+        link = f"mtu 1500 {nic.link_options}".strip()
         router = []
         endpoints: dict[str, list[str]] = {}
         for seg in self.segments:
@@ -148,7 +132,7 @@ class Topology:
             _batch("ip -batch -", router),
         ]
         lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in endpoints.items()]
-        if wait_carrier or self.nic_model in SLOW_CARRIER:
+        if wait_carrier or nic.slow_carrier:
             lines.append(self._carrier_wait())
         return "\n".join(lines) + "\n"
 

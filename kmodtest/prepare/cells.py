@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kmodtest.arches import ARCHES, Arch
 from kmodtest.errors import ConfigError
+from kmodtest.nics import NICS
 from kmodtest.prepare.yamlfile import load_model
 
-NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "igb", "rtl8139")
 _ID = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
@@ -81,9 +81,9 @@ class CellSpec(_Strict):
     @field_validator("nics")
     @classmethod
     def _known_nics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [n for n in value if n not in NIC_MODELS]
+        bad = [n for n in value if n not in NICS]
         if bad:
-            raise ValueError(f"unknown NIC model(s) {bad}; known: {', '.join(NIC_MODELS)}")
+            raise ValueError(f"unknown NIC model(s) {bad}; known: {', '.join(NICS)}")
         if not value:
             raise ValueError("at least one NIC model is needed")
         return value
@@ -151,8 +151,8 @@ class Matrix:
             chosen = [c for c in chosen if c.arch.name in wanted]
         if nics:
             wanted_nics = {n.strip() for n in nics.split(",")}
-            for nic in wanted_nics - set(NIC_MODELS):
-                raise ConfigError(f"unknown NIC {nic!r}", f"use one of: {', '.join(NIC_MODELS)}")
+            for nic in wanted_nics - set(NICS):
+                raise ConfigError(f"unknown NIC {nic!r}", f"use one of: {', '.join(NICS)}")
             chosen = [c for c in chosen if wanted_nics & set(c.spec.nics)]
         return chosen
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from kmodtest import __version__
 from kmodtest.errors import BuildError
+from kmodtest.nics import NICS
 from kmodtest.prepare import debian, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell
@@ -93,6 +94,7 @@ def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
         "layout": LAYOUT_VERSION,
         "builder": builder_digest(),
         "recipe": recipe.digest(),
+        "modules": image_modules(recipe),
         "source": source.identity(),
         "arch": cell.arch.debian,
         "suite": source.suite,
@@ -100,6 +102,14 @@ def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
         "guest": {n: _sha256(_guest_file(n)) for n in GUEST_FILES},
     }
     return _sha256(json.dumps(blob, sort_keys=True).encode())[:20]
+
+
+def image_modules(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(required, optional) modules of an image: the recipe's, and every NIC model's driver."""
+    required = [*recipe.spec.modules, *recipe.spec.boot_modules]
+    required += [n.driver for n in NICS.values() if not n.optional]
+    optional = [*recipe.spec.optional_modules, *(n.driver for n in NICS.values() if n.optional)]
+    return required, optional
 
 
 def image_key(in_key: str, versions: dict[str, str]) -> str:
@@ -180,8 +190,9 @@ class ImageBuilder:
         kernel: KernelTree = source.locate(tree.root, cell.arch)
         self.progress.detail(f"resolving module closure for {kernel.version}")
         modules.depmod(kernel.modules_root, kernel.version)
-        wanted = list(dict.fromkeys([*recipe.spec.modules, *recipe.spec.boot_modules]))
-        optional = [m for m in recipe.spec.optional_modules if m not in wanted]
+        required, optional = image_modules(recipe)
+        wanted = list(dict.fromkeys(required))
+        optional = [m for m in dict.fromkeys(optional) if m not in wanted]
         mods = modules.closure(kernel.modules_root, kernel.version, wanted, optional)
 
         staging = work / "initramfs"

@@ -1,15 +1,17 @@
 """The smallest kernel configuration this suite runs on, as a fragment over ``tinyconfig``.
 
 Like KUnit's and virtme-ng's minimal configs: only what the router image and the tests use
-(direct boot with an initramfs, a serial console, virtio-serial for the agent, virtio-net and
-e1000/e1000e NICs, veth, network namespaces, IPv4/IPv6 forwarding, conntrack, NAT, nftables
-and the flowtable). Netfilter pieces are modules, so the image builder's module closure and
-``modprobe`` in the guest work as on a distribution kernel.
+(direct boot with an initramfs, a serial console, virtio-serial for the agent, veth, network
+namespaces, IPv4/IPv6 forwarding, conntrack, NAT, nftables and the flowtable), plus the drivers
+of the NIC models (:mod:`kmodtest.nics`) and what the arch's QEMU machine needs
+(:mod:`kmodtest.arches`). Netfilter pieces are modules, so the image builder's module closure
+and ``modprobe`` in the guest work as on a distribution kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from kmodtest.arches import get_arch
+from kmodtest.nics import NICS
 
 COMMON = """
 CONFIG_PRINTK=y
@@ -55,10 +57,6 @@ CONFIG_IPV6_MULTIPLE_TABLES=y
 CONFIG_NETDEVICES=y
 CONFIG_NET_CORE=y
 CONFIG_ETHERNET=y
-CONFIG_NET_VENDOR_INTEL=y
-CONFIG_E1000=m
-CONFIG_E1000E=m
-CONFIG_VIRTIO_NET=m
 CONFIG_VETH=m
 CONFIG_NETFILTER=y
 CONFIG_NETFILTER_ADVANCED=y
@@ -90,63 +88,14 @@ CONFIG_NFT_FLOW_OFFLOAD=m
 """
 
 
-@dataclass(frozen=True)
-class KernelArch:
-    """How kbuild names an arch, and what its QEMU machine needs on top of :data:`COMMON`."""
-
-    karch: str  # ARCH=
-    cross: str  # CROSS_COMPILE= on an amd64 host ('' = native)
-    cross_package: str  # Debian package with that cross compiler
-    image: str  # make target, and arch/<karch>/boot/<image>
-    fragment: str
-
-
-KERNEL_ARCHES = {
-    "x86_64": KernelArch(
-        "x86",
-        "",
-        "",
-        "bzImage",
-        """
-CONFIG_64BIT=y
-CONFIG_SERIAL_8250=y
-CONFIG_SERIAL_8250_CONSOLE=y
-CONFIG_HYPERVISOR_GUEST=y
-CONFIG_PARAVIRT=y
-CONFIG_KVM_GUEST=y
-CONFIG_ACPI=y
-""",
-    ),
-    "arm64": KernelArch(
-        "arm64",
-        "aarch64-linux-gnu-",
-        "gcc-aarch64-linux-gnu",
-        "Image",
-        """
-CONFIG_SERIAL_AMBA_PL011=y
-CONFIG_SERIAL_AMBA_PL011_CONSOLE=y
-CONFIG_PCI_HOST_GENERIC=y
-CONFIG_ARM_GIC_V3=y
-""",
-    ),
-    "armhf": KernelArch(
-        "arm",
-        "arm-linux-gnueabihf-",
-        "gcc-arm-linux-gnueabihf",
-        "zImage",
-        """
-CONFIG_ARCH_VIRT=y
-CONFIG_ARM_LPAE=y
-CONFIG_SERIAL_AMBA_PL011=y
-CONFIG_SERIAL_AMBA_PL011_CONSOLE=y
-CONFIG_PCI_HOST_GENERIC=y
-""",
-    ),
-}
-
-
 def fragment(arch: str) -> str:
-    return COMMON.strip() + "\n" + KERNEL_ARCHES[arch].fragment.strip() + "\n"
+    """The common lines, every NIC model's driver, and the arch's own (its record in arches)."""
+    lines = [
+        *COMMON.split(),
+        *(line for nic in NICS.values() for line in nic.kconfig),
+        *get_arch(arch).kbuild.kconfig,
+    ]
+    return "\n".join(dict.fromkeys(lines)) + "\n"
 
 
 def unmet(fragment_text: str, config_text: str) -> list[str]:

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest.arches import get_arch, host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import debian
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kbuild import MAX_JOBS
-from kmodtest.prepare.kconfig import KERNEL_ARCHES, fragment, unmet
+from kmodtest.prepare.kconfig import fragment, unmet
 from kmodtest.prepare.toolchain import KernelPackages, fetch_packages, get_chroot, run_in_chroot
 from kmodtest.progress import Progress
 
@@ -43,7 +44,7 @@ class KernelBuild:
 
 def debian_source_tree(cache: Cache, suite: str, progress: Progress) -> Path:
     """The full tree of ``suite``'s current ``linux-source`` (cached, ~1.5 GB unpacked)."""
-    where = KernelPackages(suite, "amd64", "-", "-")
+    where = KernelPackages(suite, host_debian_arch(), "-", "-")
 
     def build(out: Path) -> None:
         with progress.step(f"linux-source of {suite} (full tree)"):
@@ -71,8 +72,7 @@ def build_kernel(
     progress: Progress,
     jobs: int | None = None,
 ) -> KernelBuild:
-    if arch not in KERNEL_ARCHES:
-        raise ConfigError(f"unknown arch {arch!r}", f"use one of: {', '.join(KERNEL_ARCHES)}")
+    k = get_arch(arch).kbuild
     if not (source / "Makefile").is_file() or not (source / "Kconfig").is_file():
         raise ConfigError(f"{source} is not a Linux source tree", "pass the top of the tree")
     if (source / ".config").exists():
@@ -80,13 +80,12 @@ def build_kernel(
             f"{source} has a .config (an in-tree build); kbuild refuses O= builds from it",
             f"run `make -C {source} mrproper` first, or pass a clean tree",
         )
-    k = KERNEL_ARCHES[arch]
     jobs = jobs or min(MAX_JOBS, os.cpu_count() or 1)
     timings: dict[str, float] = {}
     start = time.monotonic()
     tools = [*KERNEL_TOOLS, *([k.cross_package] if k.cross_package else [])]
     chroot = get_chroot(
-        cache, KernelPackages(suite, "amd64", "-", "-"), tools,
+        cache, KernelPackages(suite, host_debian_arch(), "-", "-"), tools,
         f"kernel build chroot ({suite})", progress,
     )  # fmt: skip
     timings["toolchain chroot"] = time.monotonic() - start

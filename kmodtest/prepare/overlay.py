@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmodtest.arches import host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import debian, kbuild, modules
 from kmodtest.prepare.cache import Cache
@@ -216,8 +217,3 @@ def cross_build_skip(cell: Cell) -> str | None:
         f"linux-headers-*-{cell.arch.debian} with a cross gcc), not done yet on this "
         f"{host_debian_arch()} host"
     )
-
-
-def host_debian_arch() -> str:
-    machine = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf"}.get(machine, machine)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodtest.arches import Arch
+from kmodtest.arches import Arch, KvmProbe
 from kmodtest.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,51 +32,53 @@ class AccelChoice:
     reason: str
 
 
-def _x86_probe_bios() -> bytes:
-    """64 KiB BIOS whose reset vector writes 0x31 to isa-debug-exit: QEMU exits with 99."""
-    image = bytearray(b"\xf4" * 0x10000)  # hlt everywhere
-    image[0xFFF0:0xFFF6] = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xF4])  # mov al,0x31; out 0xf4,al
-    return bytes(image)
-
-
 @functools.cache
-def _kvm_probe(qemu_binary: str) -> str | None:
-    """None if a KVM guest ran to completion, else why not."""
+def _kvm_probe(qemu_binary: str, probe: KvmProbe) -> str | None:
+    """None if a KVM guest ran the probe firmware to completion, else why not."""
     binary = shutil.which(qemu_binary)
     if not binary:
         return f"{qemu_binary} not installed"
     with tempfile.TemporaryDirectory(prefix="kmodtest-kvm-") as tmp:
-        bios = Path(tmp) / "probe.bin"
-        bios.write_bytes(_x86_probe_bios())
+        firmware = Path(tmp) / "probe.bin"
+        firmware.write_bytes(probe.firmware)
         argv = [
-            binary, "-accel", "kvm", "-machine", "pc", "-cpu", "host", "-nodefaults",
-            "-display", "none", "-no-reboot", "-bios", str(bios),
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            binary, "-accel", "kvm", "-machine", probe.machine, "-cpu", "host", "-nodefaults",
+            "-display", "none", "-no-reboot", "-bios", str(firmware),
         ]  # fmt: skip
+        for device in probe.devices:
+            argv += ["-device", device]
         try:
             result = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
             return f"a KVM probe VM did not finish in {PROBE_TIMEOUT:.0f} s"
-    if result.returncode == (0x31 << 1) | 1:
+    if result.returncode == probe.exit_status:
         return None
     err = result.stderr.decode(errors="replace").strip().splitlines()
     return f"a KVM probe VM failed (exit {result.returncode}: {err[-1] if err else 'no message'})"
 
 
+def _cpu_flags() -> set[str]:
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
 def kvm_unusable_reason(arch: Arch) -> str | None:
     host = platform.machine()
-    if host not in arch.host_machines:
+    if host not in arch.kvm_hosts:
         return f"guest arch {arch.name} differs from host {host}"
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not accessible (add yourself to the kvm group)"
-    if arch.name == "x86_64":
-        flags = Path("/proc/cpuinfo").read_text()
-        if " vmx" not in flags and " svm" not in flags:
-            return "the CPU advertises neither vmx nor svm (nested virtualisation is off)"
-        return _kvm_probe(arch.qemu_binary)
-    return None  # non-x86 hosts: trust /dev/kvm; --accel tcg overrides
+    if arch.kvm_cpu_flags and not set(arch.kvm_cpu_flags) & _cpu_flags():
+        wanted = " nor ".join(arch.kvm_cpu_flags)
+        return f"the CPU advertises neither {wanted} (nested virtualisation is off)"
+    if arch.kvm_probe is not None:
+        return _kvm_probe(arch.qemu_binary, arch.kvm_probe)
+    return None  # no probe for this arch: trust /dev/kvm; --accel tcg overrides
 
 
 def choose_accel(arch: Arch, requested: str = "auto") -> AccelChoice:
