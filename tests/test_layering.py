@@ -14,7 +14,7 @@ import kmodtest
 
 PACKAGE = Path(kmodtest.__file__).parent
 STAGES = ("prepare", "run", "guest", "face")
-LEAVES = ("arches", "nics", "processes", "errors", "progress")
+LEAVES = ("arches", "nics", "flowtable", "processes", "errors", "progress")
 
 
 def _imported_parts(path: Path) -> set[str]:

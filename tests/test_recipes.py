@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kmodtest import flowtable
 from kmodtest.errors import ConfigError
 from kmodtest.prepare.recipes import load_recipe
 
@@ -12,7 +13,7 @@ def test_default_recipe_has_the_tools_and_modules_the_suite_needs(repo):
     recipe = load_recipe(repo / "images", "debian-router")
     for package in ("busybox-static", "nftables", "conntrack", "iproute2", "kmod"):
         assert package in recipe.spec.packages
-    for module in ("nft_flow_offload", "nf_flow_table", "nf_flow_table_inet"):
+    for module in flowtable.MODULES:
         assert module in recipe.spec.modules
 
 

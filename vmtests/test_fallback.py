@@ -8,6 +8,7 @@ import ipaddress
 
 import pytest
 
+from kmodtest import flowtable
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
@@ -16,7 +17,7 @@ from kmodtest.guest.rulesets import router_ruleset, sample_paths
 pytestmark = pytest.mark.per_nic
 
 NBYTES = 2_000_000
-FLOWTABLE_MODULES = ("nft_flow_offload", "nf_flow_table_inet", "nf_flow_table")
+FLOWTABLE_MODULES = tuple(reversed(flowtable.MODULES))  # users first, as rmmod needs them
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from kmodtest.flowtable import MODULES as OFFLOAD_MODULES
 from kmodtest.guest.nft import Nft
 
-OFFLOAD_MODULES = ("nft_flow_offload", "nf_flow_table", "nf_flow_table_inet")
 ROUTER_NICS = ("lan", "wan")
 
 

@@ -15,13 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest import flowtable
 from kmodtest.errors import BuildError
 from kmodtest.prepare.modchange import MODULE_DIR, Workspace
 from kmodtest.prepare.toolchain import MOUNT_POINT, Toolchain
 from kmodtest.progress import Progress
 
-# kmod-nft-offload: always rebuilt, so an unpatched run is a real control
-FLOWTABLE_MODULES = ("nf_flow_table", "nf_flow_table_inet", "nft_flow_offload")
 MAX_JOBS = 2  # the machines this runs on are shared; kbuild at -j2 is the agreed ceiling
 _INFO = re.compile(r"^kmodtest-(\w+):(.*)$")
 _MODPOST = re.compile(r"^(WARNING|ERROR): modpost: (.*)$")
@@ -103,7 +102,7 @@ def build_modules(
     toolchain: Toolchain,
     ws: Workspace,
     progress: Progress,
-    wanted: tuple[str, ...] = FLOWTABLE_MODULES,
+    wanted: tuple[str, ...] = flowtable.MODULES,
     jobs: int | None = None,
 ) -> BuiltModules:
     notes = write_kbuild(ws, wanted)
