@@ -1,4 +1,5 @@
-"""Every child process kmodtest starts is registered here and killed and reaped on any exit.
+"""Host processes: every child kmodtest starts is registered here and killed and reaped on any
+exit, and every host tool it needs is looked up here (an absent one names its Debian package).
 
 Three layers, so no QEMU outlives the test run:
 1. the kernel kills the child when its parent dies (``PR_SET_PDEATHSIG``), even on SIGKILL;
@@ -13,11 +14,14 @@ import atexit
 import contextlib
 import ctypes
 import logging
+import shutil
 import signal
 import subprocess
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from kmodtest.errors import BuildError, KmodtestError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,20 @@ _signals_installed = False
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):  # not Linux: atexit still applies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def require_tool(
+    name: str, package: str, needed_for: str = "", error: type[KmodtestError] = BuildError
+) -> str:
+    """The path of host tool ``name``; if absent, ``error`` naming the package that has it."""
+    path = shutil.which(name)
+    if not path:
+        why = f" (needed for {needed_for})" if needed_for else ""
+        raise error(
+            f"{name} is not installed{why}",
+            f"install it: apt-get install {package}  (or run: bash .ci/bootstrap)",
+        )
+    return path
 
 
 def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:

@@ -7,15 +7,16 @@ apt sources are never touched.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from kmodtest import processes
 from kmodtest.errors import BuildError
-from kmodtest.prepare.kernels import parse_deb_filename
 from kmodtest.progress import Progress
 
 _DEBS_LIST = ".kmodtest-debs"
@@ -25,20 +26,13 @@ _NO_UPDATES_HOOK = (
 )
 
 
+_DEB = re.compile(r"^(?P<name>[^_]+)_(?P<version>[^_]+)_(?P<arch>[^_]+)\.deb$")
+
+
 @dataclass(frozen=True)
 class FetchedTree:
     root: Path
     versions: dict[str, str]  # package -> version, every package that was unpacked
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        raise BuildError(
-            f"{name} is not installed",
-            f"install it: apt-get install {package}  (or run: bash .ci/bootstrap)",
-        )
-    return path
 
 
 def fetch(
@@ -51,7 +45,7 @@ def fetch(
     updates: bool = True,
 ) -> FetchedTree:
     """Unpack ``packages`` and all their dependencies for ``debian_arch`` into ``workdir/root``."""
-    mmdebstrap = require_tool("mmdebstrap", "mmdebstrap")
+    mmdebstrap = processes.require_tool("mmdebstrap", "mmdebstrap")
     tarball = workdir / "packages.tar"
     argv = [
         mmdebstrap,
@@ -126,3 +120,11 @@ def merge_usr(root: Path) -> None:
             top.rmdir()
         if usr.exists():
             top.symlink_to(f"usr/{name}")
+
+
+def parse_deb_filename(filename: str) -> tuple[str, str] | None:
+    """``libc6_2.36-9%2bdeb12u14_amd64.deb`` -> ``("libc6", "2.36-9+deb12u14")``."""
+    match = _DEB.match(filename)
+    if not match:
+        return None
+    return match["name"], unquote(match["version"])

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kmodtest import __version__
+from kmodtest import __version__, processes
 from kmodtest.errors import BuildError
 from kmodtest.nics import NICS
 from kmodtest.prepare import debian, modules
@@ -55,8 +55,9 @@ class Image:
     def initrd(self) -> Path:
         return self.path / "initrd.cpio"
 
-    @property
+    @functools.cached_property
     def manifest(self) -> dict[str, Any]:
+        """``manifest.json``, read once: a published image never changes."""
         return json.loads((self.path / "manifest.json").read_text())
 
     @property
@@ -264,7 +265,7 @@ def _ignore_paths(root: Path, drop: list[str]):  # type: ignore[no-untyped-def]
 
 def write_cpio(tree: Path, archive: Path) -> None:
     """An uncompressed newc archive owned by root: the guest kernel need not decompress it."""
-    cpio = debian.require_tool("cpio", "cpio")
+    cpio = processes.require_tool("cpio", "cpio")
     names = []
     for directory, dirs, files in os.walk(tree):  # does not follow symlinked directories
         rel = Path(directory).relative_to(tree)

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest import processes
 from kmodtest.arches import get_arch, host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
-from kmodtest.prepare import debian
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kbuild import MAX_JOBS
 from kmodtest.prepare.kconfig import fragment, unmet
@@ -53,7 +53,7 @@ def debian_source_tree(cache: Cache, suite: str, progress: Progress) -> Path:
             tarballs = sorted((tree.root / "usr/src").glob("linux-source-*.tar.*"))
             if not tarballs:
                 raise BuildError(f"linux-source of {suite} has no usr/src/linux-source-*.tar.*")
-            tar = debian.require_tool("tar", "tar")
+            tar = processes.require_tool("tar", "tar")
             (out / "tree").mkdir()
             subprocess.run([tar, "-xf", str(tarballs[0]), "-C", str(out / "tree"),
                             "--strip-components=1"], check=True)  # fmt: skip

@@ -146,16 +146,3 @@ def kernel_source_for(cell: Cell) -> KernelSource:
     if isinstance(src, LocalSource):
         return LocalKernel(src.kernel_image, src.modules, src.suite)
     raise ConfigError(f"cell {cell.id}: unsupported kernel source {src!r}")
-
-
-_DEB = re.compile(r"^(?P<name>[^_]+)_(?P<version>[^_]+)_(?P<arch>[^_]+)\.deb$")
-
-
-def parse_deb_filename(filename: str) -> tuple[str, str] | None:
-    """``libc6_2.36-9%2bdeb12u14_amd64.deb`` -> ``("libc6", "2.36-9+deb12u14")``."""
-    from urllib.parse import unquote
-
-    match = _DEB.match(filename)
-    if not match:
-        return None
-    return match["name"], unquote(match["version"])

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodtest import processes
 from kmodtest.errors import BuildError
-from kmodtest.prepare import debian
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.toolchain import KernelPackages, debian_key, fetch_packages
 from kmodtest.progress import Progress
@@ -64,7 +64,7 @@ def get_sources(cache: Cache, kernel: KernelPackages, progress: Progress) -> Ker
 
 def _extract(tarball: Path, dest: Path) -> None:
     """Only the kept paths: ``tar`` still has to decompress everything (~30 s, once)."""
-    tar = debian.require_tool("tar", "tar")
+    tar = processes.require_tool("tar", "tar")
     dest.mkdir(parents=True)
     top = tarball.name.split(".tar")[0]  # linux-source-6.12
     wanted = [f"{top}/{p}" for p in KEPT]

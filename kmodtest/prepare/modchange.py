@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest.errors import ConfigError
-from kmodtest.prepare.debian import require_tool
+from kmodtest.processes import require_tool
 
 MODULE_DIR = "net/netfilter"
 _PATCH_PATH = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?(\S+)")

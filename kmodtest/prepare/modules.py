@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest.errors import BuildError
-from kmodtest.prepare.debian import require_tool
+from kmodtest.processes import require_tool
 
 _INSMOD = re.compile(r"^insmod (\S+)")
 _BUILTIN = re.compile(r"^builtin (\S+)")

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmodtest import processes
 from kmodtest.arches import host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
-from kmodtest.prepare import debian, kbuild, modules
+from kmodtest.prepare import kbuild, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, DebianSource
 from kmodtest.prepare.images import Image
@@ -163,7 +164,7 @@ class OverlayBuilder:
 
 def _layer(base: Image, release: str, built: dict[str, Path], out: Path) -> dict[str, str]:
     """Write ``out/initrd.cpio`` (base + appended layer) and ``out/kernel``."""
-    cpio = debian.require_tool("cpio", "cpio")
+    cpio = processes.require_tool("cpio", "cpio")
     placed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".layer-") as tmp:
         root = Path(tmp)

@@ -119,7 +119,7 @@ def run_in_chroot(
     extra_binds: Sequence[tuple[Path, str]] = (),
 ) -> int:
     """A private mount namespace (so parallel builds never see each other's /build)."""
-    unshare = debian.require_tool("unshare", "util-linux")
+    unshare = processes.require_tool("unshare", "util-linux")
     userns = [] if os.geteuid() == 0 else ["--map-root-user"]
     mounts = "".join(f'mkdir -p "$r{guest}"; mount --bind "{host}" "$r{guest}"; '
                      for host, guest in extra_binds)  # fmt: skip

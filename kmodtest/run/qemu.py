@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -56,13 +55,10 @@ def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
 
 
 def find_qemu(spec: MachineSpec) -> str:
-    path = shutil.which(spec.arch.qemu_binary)
-    if not path:
-        raise MachineError(
-            f"{spec.arch.qemu_binary} is not installed (needed for {spec.arch.name} cells)",
-            f"install it: apt-get install {spec.arch.qemu_package}  (or run: bash .ci/bootstrap)",
-        )
-    return path
+    arch = spec.arch
+    return processes.require_tool(
+        arch.qemu_binary, arch.qemu_package, f"{arch.name} cells", MachineError
+    )
 
 
 @dataclass
