@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kmodtest.face.options import Settings
 from kmodtest.face.session import RouterPool, VmCase
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell
@@ -49,7 +50,7 @@ def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, tab
     cached = statistics.median(_timed(lambda: builder.get(cell)) for _ in range(5))
     row("image build, cached", f"{cached * 1000:.1f} ms")
 
-    accel = choose_accel(cell.arch, args.accel)
+    accel = choose_accel(cell.arch, Settings.from_args(args).accel)
     row("accelerator", f"{accel.accel} ({accel.reason})")
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-logs-") as logs:
         pool = RouterPool(builder, Path(logs), accel=accel.accel)

@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kmodtest.face.options import Settings
 from kmodtest.face.scheduling import case_of
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
@@ -69,16 +70,11 @@ def parse_junit(path: Path, mode: str, wall: float, exit_code: int) -> RunResult
 
 
 def _pytest_argv(args: argparse.Namespace, workers: int, junit: Path, logs: Path) -> list[str]:
-    argv = [sys.executable, "-m", "pytest", *args.tests, "--kernel", args.kernel,
-            f"--kernels-dir={args.kernels_dir}", f"--images-dir={args.images_dir}",
+    settings = Settings.from_args(args)
+    argv = [sys.executable, "-m", "pytest", *args.tests,
+            *settings.argv("kernel", "nic", "arch", "kernels_dir", "images_dir", "image_cache"),
             f"--junitxml={junit}", f"--log-dir={logs}", "-p", "no:cacheprovider",
             "-rfE"]  # fmt: skip
-    if args.image_cache:
-        argv.append(f"--image-cache={args.image_cache}")
-    if args.nic:
-        argv += ["--nic", args.nic]
-    if args.arch:
-        argv += ["--arch", args.arch]
     if workers > 1:
         argv += ["-n", str(workers)]
     extra = list(args.pytest_args)

@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kmodtest.face.options import Settings
 from kmodtest.face.session import RouterPool, VmCase, case_nics, wanted_nics
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
@@ -126,7 +127,7 @@ def run_bench_offload(args: argparse.Namespace, cells: list[Cell], builder: Imag
     nbytes = args.megabytes * 1_000_000
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-offload-") as logs:
         for cell in cells:
-            accel = choose_accel(cell.arch, args.accel)
+            accel = choose_accel(cell.arch, Settings.from_args(args).accel)
             pool = RouterPool(builder, Path(logs), accel=accel.accel)
             try:
                 vm = pool.acquire(VmCase(cell, case_nics(cell, wanted_nics(args.nic))[0]))

@@ -6,14 +6,13 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from kmodtest.errors import KmodtestError
-from kmodtest.face import kernelcmd, validate
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.face import kernelcmd, options, validate
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix, load_matrix
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.progress import Progress
@@ -22,28 +21,19 @@ console = Console()
 
 
 def _add_selectors(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: all)")
-    parser.add_argument("--arch", help="only these arches")
-    parser.add_argument("--nic", help="only cells offering these NIC models")
-    _add_dirs(parser)
-
-
-def _add_dirs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
-    parser.add_argument("--images-dir", type=Path, default=Path("images"))
-    parser.add_argument("--image-cache", type=Path, default=None,
-                        help="default: $KMODTEST_CACHE or ~/.cache/kmodtest")  # fmt: skip
+    options.add_to_argparse(parser, [*options.SELECTORS, *options.DIRS])
 
 
 def _select(args: argparse.Namespace, default_all: bool = True) -> tuple[Matrix, list[Cell]]:
-    matrix = load_matrix(args.kernels_dir)
-    kernel = args.kernel or ("all" if default_all else None)
-    return matrix, matrix.select(kernel, args.arch, args.nic)
+    settings = options.Settings.from_args(args)
+    matrix = load_matrix(settings.kernels_dir)
+    kernel = settings.kernel or ("all" if default_all else None)
+    return matrix, matrix.select(kernel, settings.arch, settings.nic)
 
 
 def _builder(args: argparse.Namespace, quiet: bool = False) -> ImageBuilder:
-    cache = Cache(args.image_cache or default_cache_dir())
-    return ImageBuilder(cache, args.images_dir, Progress(quiet=quiet))
+    settings = options.Settings.from_args(args)
+    return ImageBuilder(Cache(settings.image_cache), settings.images_dir, Progress(quiet=quiet))
 
 
 def cmd_cells(args: argparse.Namespace) -> int:
@@ -142,10 +132,11 @@ def _mb(n: int) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     from kmodtest.prepare import cacheinfo
 
-    cache = Cache(args.image_cache or default_cache_dir())
-    cells = load_matrix(args.kernels_dir).cells
+    settings = options.Settings.from_args(args)
+    cache = Cache(settings.image_cache)
+    cells = load_matrix(settings.kernels_dir).cells
     entries = cacheinfo.cache_entries(cache)
-    stale = cacheinfo.stale_entries(cache, cells, args.images_dir)
+    stale = cacheinfo.stale_entries(cache, cells, settings.images_dir)
     if args.action == "list":
         table = Table("kind", "entries", "size", "stale", "stale size", title=str(cache.root))
         for kind in sorted({e.kind for e in entries}):
@@ -198,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commands", type=int, default=100)
     p.add_argument("--resets", type=int, default=20)
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
-    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    options.add_to_argparse(p, ["accel"])
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -222,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selectors(p)
     p.add_argument("--megabytes", type=int, default=32, help="size of the throughput transfer")
     p.add_argument("--pings", type=int, default=40, help="pings while the bulk transfer runs")
-    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    options.add_to_argparse(p, ["accel"])
     p.set_defaults(func=cmd_bench_offload)
 
     p = sub.add_parser("cache", help="what the cache holds; prune what nothing points to")
@@ -230,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="prune: empty the cache")
     p.add_argument("--kind", help="prune: remove these kinds wholesale (e.g. sources,overlays)")
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
-    _add_dirs(p)
+    options.add_to_argparse(p, options.DIRS)
     p.set_defaults(func=cmd_cache)
 
     validate.add_parser(sub)

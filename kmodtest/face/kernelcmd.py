@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from kmodtest.errors import ConfigError
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.face import options
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kernelbuild import build_kernel, debian_source_tree
 from kmodtest.progress import Progress
 
@@ -26,12 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b.add_argument("--arch", default="x86_64", help="x86_64 (tested), arm64, armhf")
     b.add_argument("--suite", default="trixie", help="Debian suite of the compiler (trixie)")
     b.add_argument("--jobs", type=int, default=None, help="make -j (default: min(2, cores))")
-    b.add_argument("--image-cache", type=Path, default=None)
+    options.add_to_argparse(b, ["image_cache"])
     b.set_defaults(func=cmd_kernel_build)
 
 
 def cmd_kernel_build(args: argparse.Namespace) -> int:
-    cache = Cache(args.image_cache or default_cache_dir())
+    cache = Cache(options.Settings.from_args(args).image_cache)
     progress = Progress()
     if args.debian_source:
         source = debian_source_tree(cache, args.debian_source, progress)

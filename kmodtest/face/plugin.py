@@ -10,13 +10,13 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kmodtest.errors import KmodtestError
-from kmodtest.face import patching
+from kmodtest.face import options, patching
+from kmodtest.face.options import Settings
 from kmodtest.face.scheduling import make_scheduler
 from kmodtest.face.session import (
     KmodtestSession,
@@ -26,7 +26,7 @@ from kmodtest.face.session import (
     wanted_nics,
 )
 from kmodtest.guest.health import tail
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import load_matrix
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.recipes import load_recipe
@@ -38,72 +38,8 @@ CASE_ARG = "vm_case"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("kmodtest", "kmodtest router VMs")
-    group.addoption(
-        "--kernel",
-        default=None,
-        metavar="ID[,ID...]|all",
-        help="matrix cell(s) from kernels/*.yaml to run on (default: the default cell)",
-    )
-    group.addoption(
-        "--arch",
-        default=None,
-        metavar="ARCH[,ARCH...]",
-        help="only cells of these arches (x86_64, arm64, armhf)",
-    )
-    group.addoption(
-        "--nic",
-        default=None,
-        metavar="MODEL[,MODEL...]",
-        help="only these NIC models (virtio-net-pci, e1000, ...)",
-    )
-    group.addoption(
-        "--accel",
-        default="auto",
-        choices=("auto", "kvm", "tcg"),
-        help="QEMU accelerator; auto uses KVM only if a probe VM runs under it",
-    )
-    group.addoption(
-        "--icount",
-        action="store_true",
-        help="TCG: -icount shift=0,sleep=off (guest time follows instructions)",
-    )
-    group.addoption(
-        "--keep-logs",
-        action="store_true",
-        help="keep console logs of passing runs too (failing runs always keep them)",
-    )
-    group.addoption(
-        "--log-dir",
-        default="kmodtest-logs",
-        metavar="DIR",
-        help="where console logs go (default: ./kmodtest-logs)",
-    )
-    group.addoption(
-        "--image-cache",
-        dest="kmodtest_cache",
-        default=None,
-        metavar="DIR",
-        help="image cache (default: $KMODTEST_CACHE or ~/.cache/kmodtest)",
-    )
-    group.addoption(
-        "--refresh-images",
-        action="store_true",
-        help="re-resolve Debian package versions and rebuild images that changed",
-    )
-    group.addoption(
-        "--kernels-dir",
-        default=None,
-        metavar="DIR",
-        help="matrix YAML directory (default: <rootdir>/kernels)",
-    )
-    group.addoption(
-        "--images-dir",
-        default=None,
-        metavar="DIR",
-        help="image recipe directory (default: <rootdir>/images)",
-    )
-    patching.add_options(group)
+    options.add_to_pytest(parser)
+    patching.add_options(parser.getgroup("kmodtest"))
 
 
 def _worker() -> str:
@@ -111,37 +47,33 @@ def _worker() -> str:
 
 
 def _make_session(config: pytest.Config) -> KmodtestSession | None:
-    root = config.rootpath
-    kernels_dir = Path(config.getoption("kernels_dir") or root / "kernels")
-    asked = any(
-        config.getoption(o) for o in ("kernel", "arch", "nic", "kernels_dir", "kernel_image")
-    )
-    if not asked and not kernels_dir.is_dir():
+    settings = Settings.from_pytest(config)
+    asked = settings.given & {"kernel", "arch", "nic", "kernels_dir"}
+    tree = (config.rootpath / "kernels").is_dir()
+    if not asked and not config.getoption("kernel_image") and not tree:
         return None  # not a kmodtest tree and no kmodtest option: stay out of the way
-    images_dir = Path(config.getoption("images_dir") or root / "images")
-    matrix = load_matrix(kernels_dir)
-    kernel_opt = config.getoption("kernel")
-    cells = patching.adhoc_cells(config) or matrix.select(
-        kernel_opt, config.getoption("arch"), config.getoption("nic")
-    )
+    images_dir = settings.images_dir
+    matrix = load_matrix(settings.kernels_dir)
+    kernel_opt = settings.kernel
+    cells = patching.adhoc_cells(config) or matrix.select(kernel_opt, settings.arch, settings.nic)
     for cell in cells:  # a malformed recipe fails now, not at the first test
         load_recipe(images_dir, cell.spec.image)
-    cache = Cache(Path(config.getoption("kmodtest_cache") or default_cache_dir()))
+    cache = Cache(settings.image_cache)
     # one directory per run and worker: concurrent runs in one checkout never share logs
     run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{_worker()}-{os.getpid()}"
-    log_root = Path(config.getoption("log_dir")).absolute() / run_name
+    log_root = settings.log_dir / run_name
     quiet = _worker() != "main"
     builder = ImageBuilder(cache, images_dir, Progress(quiet=quiet))
     pool = RouterPool(
         builder,
         log_root,
-        accel=config.getoption("accel"),
-        icount=config.getoption("icount"),
-        refresh_images=config.getoption("refresh_images"),
+        accel=settings.accel,
+        icount=settings.icount,
+        refresh_images=settings.refresh_images,
     )
     pool.overlay = patching.overlay_builder(config, cache, quiet)  # --module-patch
     session = KmodtestSession(
-        matrix, cells, bool(kernel_opt), cache, pool, log_root, config.getoption("keep_logs")
+        matrix, cells, bool(kernel_opt), cache, pool, log_root, settings.keep_logs
     )
     for cell in cells:
         if not shutil.which(cell.arch.qemu_binary):

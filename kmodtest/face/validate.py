@@ -19,8 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from kmodtest.errors import ConfigError, KmodtestError
+from kmodtest.face import options
 from kmodtest.face.patching import LOAD_FAILURE_PROPERTY
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, load_matrix
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.modchange import ModuleChange
@@ -68,8 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     change = p.add_mutually_exclusive_group()
     change.add_argument("--patch", type=Path, help="a unified diff against the kernel tree")
     change.add_argument("--src", type=Path, help="a kernel source tree (net/netfilter, include)")
-    p.add_argument("--kernel", help="cell id(s), comma separated, or 'all' (default: default cell)")
-    p.add_argument("--arch", help="only cells of these arches")
+    options.add_to_argparse(p, ["kernel", "arch"])
     p.add_argument("--tests", nargs="+", default=None, help="test paths (default: vmtests)")
     p.add_argument(
         "--quick",
@@ -78,10 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("--timings", action="store_true", help="print where the time went")
-    p.add_argument("--log-dir", default="kmodtest-logs")
-    p.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
-    p.add_argument("--images-dir", type=Path, default=Path("images"))
-    p.add_argument("--image-cache", type=Path, default=None)
+    options.add_to_argparse(p, ["log_dir", *options.DIRS])
     p.add_argument("--pytest-arg", action="append", default=[], help="passed on to pytest")
     p.set_defaults(func=run_validate)
 
@@ -180,11 +177,12 @@ def run_validate(args: argparse.Namespace) -> int:
     for path in args.tests:
         if not Path(path.split("::")[0]).exists():
             raise ConfigError(f"test path {path} does not exist", "run from the kmodtest checkout")
-    matrix = load_matrix(args.kernels_dir)
-    cells = matrix.select(args.kernel, args.arch)
-    cache = Cache(args.image_cache or default_cache_dir())
+    settings = options.Settings.from_args(args)
+    matrix = load_matrix(settings.kernels_dir)
+    cells = matrix.select(settings.kernel, settings.arch)
+    cache = Cache(settings.image_cache)
     progress = Progress()
-    builder = ImageBuilder(cache, args.images_dir, progress)
+    builder = ImageBuilder(cache, settings.images_dir, progress)
     overlay = OverlayBuilder(cache, change, progress)
     verdicts = {c.id: CellVerdict(c.id) for c in cells}
     runnable = [c for c in cells if _prebuild(c, builder, overlay, verdicts[c.id])]
@@ -193,10 +191,7 @@ def run_validate(args: argparse.Namespace) -> int:
         pytest_args = [
             *args.tests,
             f"--kernel={','.join(c.id for c in runnable)}",
-            f"--image-cache={cache.root}",
-            f"--kernels-dir={args.kernels_dir}",
-            f"--images-dir={args.images_dir}",
-            f"--log-dir={args.log_dir}",
+            *settings.argv("image_cache", "kernels_dir", "images_dir", "log_dir"),
             *([f"--module-patch={change.patch}"] if change.patch else []),
             *([f"--module-src={change.source_tree}"] if change.source_tree else []),
             *([] if change.patch or change.source_tree else ["--module-rebuild"]),
