@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b.add_argument("--out", type=Path, required=True, help="output directory")
     b.add_argument("--arch", default="x86_64", help="x86_64 (tested), arm64, armhf")
     b.add_argument("--suite", default="trixie", help="Debian suite of the compiler (trixie)")
+    b.add_argument(
+        "--refresh", action="store_true", help="--debian-source: resolve the suite's version again"
+    )
     b.add_argument("--jobs", type=int, default=None, help="make -j (default: min(2, cores))")
     options.add_to_argparse(b, ["image_cache"])
     b.set_defaults(func=cmd_kernel_build)
@@ -35,7 +38,7 @@ def cmd_kernel_build(args: argparse.Namespace) -> int:
     cache = Cache(options.Settings.from_args(args).image_cache)
     progress = Progress()
     if args.debian_source:
-        source = debian_source_tree(cache, args.debian_source, progress)
+        source = debian_source_tree(cache, args.debian_source, progress, args.refresh)
     else:
         source = args.source.absolute()
         if not source.is_dir():

@@ -31,6 +31,7 @@ from kmodtest.prepare import debian, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.kernels import KernelSource, KernelTree, kernel_source_for
+from kmodtest.prepare.keys import artifact_key, read_index, write_index
 from kmodtest.prepare.recipes import Recipe, load_recipe
 from kmodtest.progress import Progress
 
@@ -80,20 +81,14 @@ def _guest_file(name: str) -> bytes:
 
 
 # the code that turns packages into an image: a change to it must not reuse old images
-BUILDER_MODULES = ("images.py", "debian.py", "modules.py", "kernels.py")
-
-
-@functools.cache
-def builder_digest() -> str:
-    """sha256 over the image builder's own source, so a cached image never outlives it."""
-    files = resources.files("kmodtest.prepare")
-    return _sha256(b"".join(files.joinpath(n).read_bytes() for n in BUILDER_MODULES))
+BUILDER_CODE = tuple(
+    f"kmodtest.prepare.{m}" for m in ("images", "debian", "modules", "kernels", "recipes")
+)
 
 
 def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
-    blob = {
+    inputs = {
         "layout": LAYOUT_VERSION,
-        "builder": builder_digest(),
         "recipe": recipe.digest(),
         "modules": image_modules(recipe),
         "source": source.identity(),
@@ -102,7 +97,7 @@ def input_key(recipe: Recipe, source: KernelSource, cell: Cell) -> str:
         "apt_options": list(source.apt_options),
         "guest": {n: _sha256(_guest_file(n)) for n in GUEST_FILES},
     }
-    return _sha256(json.dumps(blob, sort_keys=True).encode())[:20]
+    return artifact_key(inputs, BUILDER_CODE)
 
 
 def image_modules(recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -114,7 +109,8 @@ def image_modules(recipe: Recipe) -> tuple[list[str], list[str]]:
 
 
 def image_key(in_key: str, versions: dict[str, str]) -> str:
-    return _sha256(json.dumps([in_key, sorted(versions.items())]).encode())[:20]
+    """The image's own key: its inputs and the package versions they resolved to."""
+    return artifact_key({"input": in_key, "versions": sorted(versions.items())}, ())
 
 
 class ImageBuilder:
@@ -132,9 +128,10 @@ class ImageBuilder:
         """(index entry, image directory it names) for this cell's inputs, if indexed."""
         recipe = load_recipe(self.images_dir, cell.spec.image)
         index = self._index_path(input_key(recipe, kernel_source_for(cell), cell))
-        if not index.is_file():
+        entry = read_index(index)
+        if entry is None:
             return None
-        return index, self.cache.path("images", json.loads(index.read_text())["image"])
+        return index, self.cache.path("images", entry["image"])
 
     def cached(self, cell: Cell) -> Image | None:
         """The image the index points at for this cell, if it is on disk."""
@@ -172,11 +169,9 @@ class ImageBuilder:
             path = self.cache.get_or_build("images", key, build)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        index = self._index_path(in_key)
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"image": key, "resolved_at": time.time(), "cell": cell.id}))
-        os.replace(tmp, index)
+        write_index(
+            self._index_path(in_key), {"image": key, "resolved_at": time.time(), "cell": cell.id}
+        )
         return Image(path)
 
     def _assemble(

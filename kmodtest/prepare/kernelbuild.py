@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kbuild import MAX_JOBS
 from kmodtest.prepare.kconfig import fragment, unmet
+from kmodtest.prepare.keys import artifact_key, read_index, write_index
 from kmodtest.prepare.toolchain import KernelPackages, fetch_packages, get_chroot, run_in_chroot
 from kmodtest.progress import Progress
 
@@ -31,6 +33,8 @@ KERNEL_TOOLS = (
     "findutils", "diffutils", "python3-minimal",
 )  # fmt: skip
 SRC = "/src"
+# the code that fetches and unpacks a Debian kernel tree: its key covers it
+TREE_CODE = (__name__, "kmodtest.prepare.toolchain", "kmodtest.prepare.debian")
 
 
 @dataclass
@@ -42,25 +46,50 @@ class KernelBuild:
     unmet: list[str] = field(default_factory=list)
 
 
-def debian_source_tree(cache: Cache, suite: str, progress: Progress) -> Path:
-    """The full tree of ``suite``'s current ``linux-source`` (cached, ~1.5 GB unpacked)."""
-    where = KernelPackages(suite, host_debian_arch(), "-", "-")
+def _suite_only(suite: str) -> KernelPackages:
+    """Where to fetch build tools and sources from: the suite, for the host's arch."""
+    return KernelPackages(suite, host_debian_arch(), "-", "-")
 
-    def build(out: Path) -> None:
-        with progress.step(f"linux-source of {suite} (full tree)"):
-            (out / "fetch").mkdir()
-            tree = fetch_packages(where, ["linux-source"], out / "fetch", progress)
+
+def tree_input_key(suite: str) -> str:
+    """The inputs of a suite's kernel tree before its version is resolved, and its code."""
+    return artifact_key({"suite": suite, **_suite_only(suite).key_material()}, TREE_CODE)
+
+
+def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bool = False) -> Path:
+    """The full tree of ``suite``'s ``linux-source`` (cached, ~1.5 GB unpacked).
+
+    Keyed by the package version the suite resolved to; an index entry maps the suite to it,
+    so later builds reuse the tree offline until ``refresh`` resolves the suite again.
+    """
+    where = _suite_only(suite)
+    in_key = tree_input_key(suite)
+    index = cache.path("kernel-trees", f"{in_key}.json")
+    entry = read_index(index)
+    if entry and not refresh and (cache.path("kernel-trees", entry["key"]) / "tree").is_dir():
+        return cache.path("kernel-trees", entry["key"]) / "tree"
+    work_parent = cache.root / "work"
+    work_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"linux-source-{suite}.", dir=work_parent) as work:
+        with progress.step(f"linux-source of {suite}"):
+            tree = fetch_packages(where, ["linux-source"], Path(work), progress)
+        versions = {k: v for k, v in tree.versions.items() if k.startswith("linux-source")}
+        key = artifact_key({"input": in_key, "versions": versions}, ())
+
+        def build(out: Path) -> None:
             tarballs = sorted((tree.root / "usr/src").glob("linux-source-*.tar.*"))
             if not tarballs:
                 raise BuildError(f"linux-source of {suite} has no usr/src/linux-source-*.tar.*")
             tar = processes.require_tool("tar", "tar")
             (out / "tree").mkdir()
-            subprocess.run([tar, "-xf", str(tarballs[0]), "-C", str(out / "tree"),
-                            "--strip-components=1"], check=True)  # fmt: skip
-            shutil.rmtree(out / "fetch")
+            with progress.step(f"unpacking {tarballs[0].name} (full tree)"):
+                subprocess.run([tar, "-xf", str(tarballs[0]), "-C", str(out / "tree"),
+                                "--strip-components=1"], check=True)  # fmt: skip
+            (out / "sources.json").write_text(json.dumps({"suite": suite, **versions}) + "\n")
 
-    key = f"linux-source-{suite}"
-    return cache.get_or_build("kernel-trees", key, build) / "tree"
+        path = cache.get_or_build("kernel-trees", key, build)
+    write_index(index, {"key": key, "suite": suite, "resolved_at": time.time()})
+    return path / "tree"
 
 
 def build_kernel(
@@ -85,7 +114,7 @@ def build_kernel(
     start = time.monotonic()
     tools = [*KERNEL_TOOLS, *([k.cross_package] if k.cross_package else [])]
     chroot = get_chroot(
-        cache, KernelPackages(suite, host_debian_arch(), "-", "-"), tools,
+        cache, _suite_only(suite), tools,
         f"kernel build chroot ({suite})", progress,
     )  # fmt: skip
     timings["toolchain chroot"] = time.monotonic() - start

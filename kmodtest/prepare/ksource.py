@@ -20,7 +20,8 @@ from pathlib import Path
 from kmodtest import processes
 from kmodtest.errors import BuildError
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.toolchain import KernelPackages, debian_key, fetch_packages
+from kmodtest.prepare.keys import artifact_key
+from kmodtest.prepare.toolchain import CHROOT_CODE, KernelPackages, fetch_packages
 from kmodtest.progress import Progress
 
 SOURCES_LAYOUT = 1
@@ -37,8 +38,9 @@ class KernelSources:
 
 def get_sources(cache: Cache, kernel: KernelPackages, progress: Progress) -> KernelSources:
     pin = f"{kernel.source_package}={kernel.version}"
-    key = debian_key({"layout": SOURCES_LAYOUT, "kept": KEPT, "package": pin,
-                      "suite": kernel.suite, "apt_options": list(kernel.apt_options)})  # fmt: skip
+    inputs = {"layout": SOURCES_LAYOUT, "kept": KEPT, "package": pin, "suite": kernel.suite,
+              "apt_options": list(kernel.apt_options)}  # fmt: skip
+    key = artifact_key(inputs, (__name__, *CHROOT_CODE))
 
     def build(out: Path) -> None:
         with progress.step(f"sources {pin} ({', '.join(KEPT)})"):

@@ -26,6 +26,7 @@ from kmodtest.prepare import kbuild, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, DebianSource
 from kmodtest.prepare.images import Image
+from kmodtest.prepare.keys import artifact_key
 from kmodtest.prepare.ksource import get_sources
 from kmodtest.prepare.modchange import ModuleChange, Workspace, prepare
 from kmodtest.prepare.toolchain import MOUNT_POINT, KernelPackages, get_toolchain
@@ -33,6 +34,12 @@ from kmodtest.progress import Progress
 
 OVERLAY_LAYOUT = 1
 MODULE_DEST = "net/netfilter"  # where a module the base image lacks goes
+# the code that turns (base image, change) into a layer: the overlay key covers all of it
+OVERLAY_CODE = (
+    *(f"kmodtest.prepare.{m}" for m in ("overlay", "kbuild", "modchange", "toolchain", "ksource")),
+    *("kmodtest.prepare.debian", "kmodtest.prepare.modules"),
+    "kmodtest.flowtable",  # the modules every layer rebuilds
+)
 
 
 @dataclass
@@ -54,6 +61,12 @@ class OverlayTimings:
             ("module build", self.compile),
             ("overlay layer (depmod + cpio)", self.layer),
         ]
+
+
+def overlay_key(base: Image, change_digest: str) -> str:
+    """Base image (its key covers its own inputs and code) + the change + this layer's code."""
+    inputs = {"base": base.path.name, "change": change_digest, "layout": OVERLAY_LAYOUT}
+    return artifact_key(inputs, OVERLAY_CODE)
 
 
 def kernel_packages(cell: Cell, base: Image) -> KernelPackages:
@@ -110,7 +123,7 @@ class OverlayBuilder:
             start = time.monotonic()
             ws = prepare(self.change, sources.root, Path(tmp) / "ws")
             t.prepare = time.monotonic() - start
-            key = f"{base.path.name}-{ws.digest[:12]}-{OVERLAY_LAYOUT}"
+            key = overlay_key(base, ws.digest)
             if (self.cache.path("overlays", key) / "manifest.json").is_file():
                 t.cached = True
                 return Image(self.cache.path("overlays", key))

@@ -10,7 +10,6 @@ mmdebstrap's ``extract`` variant like the images, and entered with ``unshare`` +
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -27,6 +26,7 @@ from kmodtest import processes
 from kmodtest.errors import BuildError
 from kmodtest.prepare import debian
 from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.keys import artifact_key
 from kmodtest.progress import Progress
 
 # Bump when the chroot's layout or package list changes in a way the key does not capture.
@@ -35,6 +35,8 @@ TOOLCHAIN_LAYOUT = 1
 BUILD_TOOLS = ("make", "dash", "coreutils", "sed", "grep", "mawk", "findutils", "diffutils")
 NO_RECOMMENDS = 'APT::Install-Recommends "false"'
 MOUNT_POINT = "/build"
+# the code that makes a chroot (the key covers it: a change to it builds a new chroot)
+CHROOT_CODE = ("kmodtest.prepare.toolchain", "kmodtest.prepare.debian")
 
 
 @dataclass(frozen=True)
@@ -198,8 +200,8 @@ def get_chroot(
     cache: Cache, where: KernelPackages, packages: list[str], title: str, progress: Progress
 ) -> Path:
     """A cached chroot of ``packages`` (with dependencies) from ``where``'s suite and arch."""
-    blob = {"layout": TOOLCHAIN_LAYOUT, "packages": sorted(packages), **where.key_material()}
-    key = debian_key(blob)
+    inputs = {"layout": TOOLCHAIN_LAYOUT, "packages": sorted(packages), **where.key_material()}
+    key = artifact_key(inputs, CHROOT_CODE)
 
     def build(out: Path) -> None:
         with progress.step(title):
@@ -221,7 +223,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
-
-
-def debian_key(blob: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
