@@ -25,6 +25,25 @@ def test_per_nic_and_per_kernel_ids_map_to_the_same_case():
     assert case_of(e1000, all_cells, None) == "debian-trixie-amd64-e1000"
 
 
+def test_e1000e_ids_map_to_e1000e_not_to_e1000():
+    """A substring match would send e1000e's tests to the e1000 case: another worker, a boot
+    of the wrong NIC's VM group, and the two cases interleaved."""
+    all_cells = cells()
+    mod = "vmtests/test_conntrack_handover.py::test_idle_flow_returns_to_slow_path"
+    for cell in ("debian-trixie-amd64", "debian-bookworm-arm64"):
+        for nic in ("e1000", "e1000e", "igb", "virtio-net-pci"):
+            for tail in ("-udp", "-tcp-ipv4-routed", ""):
+                nodeid = f"{mod}[{cell}-{nic}{tail}]"
+                assert case_of(nodeid, all_cells, None) == f"{cell}-{nic}", nodeid
+    # the case id may also follow another parameter's id
+    assert case_of(f"{mod}[x-debian-sid-amd64-e1000e]", all_cells, None) == (
+        "debian-sid-amd64-e1000e"
+    )
+    assert case_of(f"{mod}[debian-sid-amd64-e1000e]", all_cells, ["e1000"]) == (
+        "debian-sid-amd64-e1000"
+    )  # e1000e not selected: a per-kernel id of the cell goes to its first selected NIC
+
+
 def test_nic_selection_moves_per_kernel_tests_to_the_first_selected_nic():
     nodeid = "vmtests/test_flowtable.py::test_x[debian-bookworm-arm64]"
     assert case_of(nodeid, cells(), ["e1000"]) == "debian-bookworm-arm64-e1000"

@@ -19,17 +19,18 @@ def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> s
     """The VM case (``<cell>-<nic>``) a test id runs on, or None for a test without a VM.
 
     Per-NIC ids hold ``<cell>-<nic>``; per-kernel ids hold ``<cell>`` alone and run on the
-    cell's first selected NIC (see the plugin's parametrization).
+    cell's first selected NIC (see the plugin's parametrization). Ids are matched as whole
+    ``-``-separated words, so ``…-e1000e-udp`` is e1000e's case, never e1000's.
     """
     if not nodeid.endswith("]") or "[" not in nodeid:
         return None
-    params = nodeid[nodeid.index("[") + 1 : -1]
+    params = f"-{nodeid[nodeid.index('[') + 1 : -1]}-"
     for cell in sorted(cells, key=lambda c: len(c.id), reverse=True):
-        if cell.id not in params:
+        if f"-{cell.id}-" not in params:
             continue
         selected = case_nics(cell, nics)
         for nic in selected:
-            if f"{cell.id}-{nic}" in params:
+            if f"-{cell.id}-{nic}-" in params:
                 return f"{cell.id}-{nic}"
         return f"{cell.id}-{selected[0]}" if selected else cell.id
     return None
