@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodtest.guest import links
 from kmodtest.nics import get_nic
 from kmodtest.run.machine import DgramLink, Nic
-
-CARRIER_WAIT = 20  # seconds (guest clock)
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,11 @@ class Topology:
     def router_ports(self) -> tuple[Port, ...]:
         return tuple(s.router for s in self.segments)
 
+    @property
+    def namespaces(self) -> tuple[str | None, ...]:
+        """The router's namespace (None) and each endpoint's: where links must have carrier."""
+        return (None, *(s.endpoint.netns for s in self.segments))
+
     def nics(self, run_dir: Path) -> tuple[Nic, ...]:
         out = []
         for seg in self.segments:
@@ -98,13 +102,14 @@ class Topology:
                 f'ip link set dev "$i" netns {e.netns}',
                 f'ip -n {e.netns} link set dev "$i" name {e.name}',
             ]
-        return "\n".join(lines) + "\n" + self.reset_script(wait_carrier=True)
+        return "\n".join(lines) + "\n" + self.reset_script()
 
-    def reset_script(self, wait_carrier: bool = False) -> str:
+    def reset_script(self) -> str:
         """Bring the network back to its known state: no rules, no flows, addresses, routes.
 
         One ``ip -batch`` per namespace: under TCG each exec of ``ip`` costs 50-100 ms, so
-        twenty separate calls would dominate the per-test overhead.
+        twenty separate calls would dominate the per-test overhead. Ends with the link wait: a
+        test may have taken a link down or changed its MTU, which resets e1000e's link.
         """
         nic = get_nic(self.nic_model)
         link = f"mtu 1500 {nic.link_options}".strip()
@@ -132,34 +137,8 @@ class Topology:
             _batch("ip -batch -", router),
         ]
         lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in endpoints.items()]
-        if wait_carrier or nic.slow_carrier:
-            lines.append(self._carrier_wait())
+        lines.append(links.wait_script(self.namespaces))
         return "\n".join(lines) + "\n"
-
-    def _carrier_wait(self) -> str:
-        """Shell: wait until every port sees carrier, else fail naming the ports without."""
-        checks = [
-            f'read c </sys/class/net/{p.name}/carrier 2>/dev/null || c=0; [ "$c" = 1 ] || '
-            f'down="$down {p.name}"'
-            for p in self.router_ports
-        ]
-        checks += [
-            f"ip -n {s.endpoint.netns} -o link show dev {s.endpoint.name} | grep -q LOWER_UP || "
-            f'down="$down {s.endpoint.netns}/{s.endpoint.name}"'
-            for s in self.segments
-        ]
-        body = "\n  ".join(checks)
-        return (
-            "read u _ </proc/uptime; end=$(( ${u%.*} + " + str(CARRIER_WAIT) + " ))\n"
-            "while :; do\n"
-            f'  down=""\n  {body}\n'
-            '  [ -z "$down" ] && break\n'
-            "  read u _ </proc/uptime\n"
-            '  [ ${u%.*} -lt $end ] || { echo "no carrier on$down after '
-            f'{CARRIER_WAIT} s" >&2; exit 1; }}\n'
-            "  sleep 0.1\n"
-            "done"
-        )
 
 
 def _batch(command: str, lines: list[str]) -> str:

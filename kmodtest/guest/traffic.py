@@ -21,6 +21,7 @@ from typing import Literal
 
 import testinfra.host
 
+from kmodtest.guest import links
 from kmodtest.guest.topology import Topology
 
 Proto = Literal["tcp", "udp"]
@@ -383,8 +384,7 @@ def backup_path(host: testinfra.host.Host, topology: Topology) -> Iterator[Backu
     p = BackupPath()
     ns = topology.server.netns
     wan_peer = topology.server.address(4)
-    setup = f"""set -e
-ip link add {p.router_dev} type veth peer name {p.server_dev} netns {ns}
+    setup = f"""ip link add {p.router_dev} type veth peer name {p.server_dev} netns {ns}
 ip addr add {p.router_ip}/{p.prefix} dev {p.router_dev}
 ip link set {p.router_dev} up
 ip -n {ns} addr add {p.server_ip}/{p.prefix} dev {p.server_dev}
@@ -400,7 +400,7 @@ ip -n {ns} addr del {p.service_ip}/32 dev lo 2>/dev/null
 true
 """
     try:
-        host.check_output(setup)
+        links.change(host, setup, topology.namespaces)  # a veth has carrier once both ends are up
         yield p
     finally:
         host.run(teardown)
