@@ -1,23 +1,32 @@
 """Host processes: every child kmodtest starts is registered here and killed and reaped on any
 exit, and every host tool it needs is looked up here (an absent one names its Debian package).
 
-Three layers, so no QEMU outlives the test run:
+Each child leads a process group of its own, and is always killed with that whole group:
+mmdebstrap (apt, dpkg) and make (gcc) spawn children that would outlive their parent.
+Three layers, so nothing outlives the test run:
 1. the kernel kills the child when its parent dies (``PR_SET_PDEATHSIG``), even on SIGKILL;
 2. an ``atexit`` hook kills whatever is still registered on a normal interpreter exit;
 3. SIGTERM/SIGHUP are turned into ``KeyboardInterrupt``, which pytest (unlike ``SystemExit``
    in a test) treats as "stop the session", unwinding its fixtures first.
+
+No ``preexec_fn``: running Python between fork and exec can deadlock when other threads exist
+(pytest-xdist's execnet threads, rich's refresh thread). The group comes from
+``process_group=0`` and the death signal from util-linux's ``setpriv --pdeathsig``, which sets it
+and execs the real program.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
+import functools
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,15 +34,19 @@ from kmodtest.errors import BuildError, KmodtestError
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _children: set[subprocess.Popen[bytes]] = set()
 _lock = threading.Lock()
 _signals_installed = False
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: atexit still applies
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+@functools.cache
+def _pdeathsig_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL --`` if util-linux's setpriv is there (Debian: always)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.debug("no setpriv: children die with us only through atexit")
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 def require_tool(
@@ -51,28 +64,73 @@ def require_tool(
 
 
 def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start ``argv`` as a registered child that dies with us."""
+    """Start ``argv`` as a registered child, leader of its own process group, that dies with us."""
     install_signal_handlers()
-    proc = subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kwargs)
+    proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], process_group=0, **kwargs)
     with _lock:
         _children.add(proc)
     return proc
 
 
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to ``timeout`` s for the leader to exit *without reaping it*: while its zombie
+    exists, its pid (the group id) cannot be reused, so killing the group stays exact."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return True
+        except ChildProcessError:  # already reaped (by Popen.poll/wait)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def terminate(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL; always reap and unregister."""
+    """SIGTERM the child's group, wait ``grace`` s, SIGKILL the group; always reap, unregister.
+
+    The group is killed even when the leader already exited on its own: whatever it started
+    (apt under mmdebstrap, gcc under make) may still run.
+    """
     try:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(grace)
+        if proc.returncode is None:
+            if not _exited(proc, 0):
+                _signal_group(proc, signal.SIGTERM)
+                if not _exited(proc, grace):
+                    _signal_group(proc, signal.SIGKILL)
+                    _exited(proc, grace)
+            _signal_group(proc, signal.SIGKILL)  # stragglers; the leader's zombie holds the id
+        proc.wait(grace)
     finally:
+        _forget_if_reaped(proc)
+    return proc.returncode
+
+
+def wait(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the child to exit on its own, kill what it left running in its group, reap.
+
+    An interrupt while waiting leaves the child registered: :func:`terminate` (or the
+    ``atexit`` hook) still kills it.
+    """
+    _exited(proc, float("inf"))
+    if proc.returncode is None:
+        _signal_group(proc, signal.SIGKILL)
+    rc = proc.wait()
+    _forget_if_reaped(proc)
+    return rc
+
+
+def _forget_if_reaped(proc: subprocess.Popen[bytes]) -> None:
+    """Unregister only a reaped child: one an interrupt left running stays for ``atexit``."""
+    if proc.returncode is not None:
         with _lock:
             _children.discard(proc)
-    return proc.returncode
 
 
 def kill_all() -> None:

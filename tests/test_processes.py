@@ -1,0 +1,100 @@
+"""Children die with their whole process group, with us, and without preexec_fn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from kmodtest import processes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _spawn_with_grandchild() -> tuple[subprocess.Popen[bytes], int]:
+    """A child that starts a grandchild (as mmdebstrap starts apt) and reports its pid."""
+    proc = processes.spawn(
+        ["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def test_terminate_kills_the_whole_process_group():
+    proc, grandchild = _spawn_with_grandchild()
+    assert os.getpgid(proc.pid) == proc.pid, "the child does not lead a group of its own"
+    assert os.getpgid(grandchild) == proc.pid
+    processes.terminate(proc, grace=2)
+    assert _gone(grandchild), "the grandchild outlived terminate()"
+    assert proc not in processes._children
+
+
+def test_wait_kills_what_the_child_left_behind():
+    proc = processes.spawn(
+        ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    straggler = int(proc.stdout.readline())
+    assert processes.wait(proc) == 0
+    assert _gone(straggler), "a process the child left running survived wait()"
+    assert proc not in processes._children
+
+
+def test_spawn_from_a_thread_works_without_preexec_fn(monkeypatch):
+    """xdist runs execnet threads: Python between fork and exec could deadlock there."""
+    real_popen = subprocess.Popen
+    seen: list[dict[str, object]] = []
+
+    def popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    out: list[int] = []
+    thread = threading.Thread(target=lambda: out.append(processes.wait(processes.spawn(["true"]))))
+    thread.start()
+    thread.join(10)
+    assert out == [0]
+    assert seen and all(kw.get("preexec_fn") is None for kw in seen)
+
+
+def test_children_die_when_their_parent_is_killed(tmp_path):
+    """SIGKILL leaves no atexit and no signal handler: only PR_SET_PDEATHSIG kills the child."""
+    script = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from kmodtest import processes
+        proc = processes.spawn(["sleep", "300"], stdin=subprocess.DEVNULL)
+        print(proc.pid, flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert _gone(child), "the child outlived its SIGKILLed parent"
