@@ -154,11 +154,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         doomed = [e for e in entries if e.kind in args.kind.split(",")]
     else:
         doomed = stale
-    for entry in doomed:
-        if not args.dry_run:
-            cacheinfo.remove(cache, entry)
+    busy = []
+    if not args.dry_run:
+        busy = [e for e in doomed if not cacheinfo.remove(cache, e)]
+        doomed = [e for e in doomed if e not in busy]
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(doomed)} entries, {_mb(sum(e.size_bytes for e in doomed))}")
+    for entry in busy:
+        print(f"kept {entry.path}: a running build holds it")
     return 0
 
 

@@ -42,6 +42,22 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def try_file_lock(path: Path) -> Iterator[bool]:
+    """Take the exclusive lock on ``path`` if nobody holds it; yields whether it was taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class Cache:
     """A cache root with one sub-directory per artifact kind ("images", "downloads", ...)."""
@@ -51,8 +67,36 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def _lock_path(self, kind: str, key: str) -> Path:
+        return self.root / "locks" / f"{kind}-{key}.lock"
+
     def lock(self, kind: str, key: str) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.root / "locks" / f"{kind}-{key}.lock")
+        return file_lock(self._lock_path(kind, key))
+
+    def try_lock(self, kind: str, key: str) -> contextlib.AbstractContextManager[bool]:
+        return try_file_lock(self._lock_path(kind, key))
+
+    @staticmethod
+    def lock_of(kind: str, name: str) -> tuple[str, str]:
+        """The (kind, key) lock that whoever writes the entry ``kind/name`` holds meanwhile:
+        ``.KEY.xxxx`` is :meth:`get_or_build`'s temporary for KEY, ``KEY.json`` an index entry,
+        anything else its own key (a :meth:`workdir` is locked under its own name)."""
+        if name.startswith(".") and "." in name[1:]:
+            return kind, name[1:].split(".", 1)[0]
+        return kind, name.removesuffix(".json")
+
+    @contextlib.contextmanager
+    def workdir(self, prefix: str, kind: str = "work") -> Iterator[Path]:
+        """A scratch directory under ``kind/``, locked while it exists (so ``cache prune`` never
+        removes it from under a running build) and removed afterwards."""
+        parent = self.root / kind
+        parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        try:
+            with self.lock(*self.lock_of(kind, path.name)):
+                yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def get_or_build(self, kind: str, key: str, build: Callable[[Path], None]) -> Path:
         """Return the artifact directory for ``key``, building it with ``build(tmpdir)`` once.

@@ -76,11 +76,16 @@ def stale_entries(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> list
     ]
 
 
-def remove(cache: Cache, entry: CacheEntry) -> None:
-    """Under the entry's build lock, so a build of the same key is never cut in half."""
-    key = entry.path.name.removesuffix(".json")
-    with cache.lock(entry.kind, key):
+def remove(cache: Cache, entry: CacheEntry) -> bool:
+    """Remove ``entry`` unless a running build holds its lock (then False: it is in use).
+
+    Never waits: a build that holds the lock is filling or reading the entry right now.
+    """
+    with cache.try_lock(*cache.lock_of(entry.kind, entry.path.name)) as free:
+        if not free:
+            return False
         if entry.path.is_dir():
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
             entry.path.unlink(missing_ok=True)
+        return True

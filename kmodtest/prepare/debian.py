@@ -7,10 +7,12 @@ apt sources are never touched.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -63,15 +65,18 @@ def fetch(
         proc = processes.spawn(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            log_file.write(line + "\n")
-            progress.detail(f"mmdebstrap {suite}/{debian_arch}: {line[:100]}")
-        rc = proc.wait()
-        processes.terminate(proc)
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                log_file.write(line + "\n")
+                progress.detail(f"mmdebstrap {suite}/{debian_arch}: {line[:100]}")
+            rc = processes.wait(proc)
+        finally:
+            processes.terminate(proc)  # on an interrupt: mmdebstrap, apt and dpkg, all of them
     if rc != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        log_path = keep_log(log_path, f"mmdebstrap-{suite}-{debian_arch}")
         raise BuildError(
             f"mmdebstrap failed for {suite}/{debian_arch} (exit {rc}):\n{tail}",
             "check the suite and package names in kernels/*.yaml and images/*.yaml; an expired "
@@ -94,6 +99,15 @@ def fetch(
     debs.unlink()
     merge_usr(root)
     return FetchedTree(root, versions)
+
+
+def keep_log(path: Path, label: str) -> Path:
+    """Copy a failed step's log out of its work directory (which the caller removes) into a
+    private file in the temp directory, so the error message can point at it."""
+    fd, kept = tempfile.mkstemp(prefix=f"kmodtest-{label}-", suffix=".log")
+    with os.fdopen(fd, "wb") as out:
+        out.write(path.read_bytes())
+    return Path(kept)
 
 
 def merge_usr(root: Path) -> None:

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -141,38 +140,52 @@ class ImageBuilder:
         return Image(found[1])
 
     def get(self, cell: Cell, refresh: bool = False) -> Image:
+        """The cell's image, fetching and building it at most once however many processes ask.
+
+        The package fetch runs under the input key's lock: a second worker (``-n 2``) or
+        terminal waits for the first and then reuses its index entry instead of fetching too.
+        """
         if not refresh and (image := self.cached(cell)):
             return image
+        asked = time.time()
         recipe = load_recipe(self.images_dir, cell.spec.image)
         source = kernel_source_for(cell)
         in_key = input_key(recipe, source, cell)
-        work_parent = self.cache.root / "work"
-        work_parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{cell.id}.", dir=work_parent))
-        try:
-            with self.progress.step(f"{cell.id}: fetching Debian packages ({source.suite})"):
-                tree = debian.fetch(
-                    source.suite,
-                    cell.arch.debian,
-                    [*recipe.spec.packages, *source.extra_packages()],
-                    work,
-                    self.progress,
-                    source.apt_options,
-                    source.updates,
-                )
-            key = image_key(in_key, tree.versions)
+        with self.cache.lock("index", in_key):
+            if image := self._resolved(cell, since=None if not refresh else asked):
+                return image  # built (or refreshed) by another process while we waited
+            with self.cache.workdir(prefix=f"{cell.id}.") as work:
+                with self.progress.step(f"{cell.id}: fetching Debian packages ({source.suite})"):
+                    tree = debian.fetch(
+                        source.suite,
+                        cell.arch.debian,
+                        [*recipe.spec.packages, *source.extra_packages()],
+                        work,
+                        self.progress,
+                        source.apt_options,
+                        source.updates,
+                    )
+                key = image_key(in_key, tree.versions)
 
-            def build(out: Path) -> None:
-                with self.progress.step(f"{cell.id}: assembling image {key}"):
-                    self._assemble(cell, recipe, source, tree, work, out)
+                def build(out: Path) -> None:
+                    with self.progress.step(f"{cell.id}: assembling image {key}"):
+                        self._assemble(cell, recipe, source, tree, work, out)
 
-            path = self.cache.get_or_build("images", key, build)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        write_index(
-            self._index_path(in_key), {"image": key, "resolved_at": time.time(), "cell": cell.id}
-        )
+                path = self.cache.get_or_build("images", key, build)
+            write_index(
+                self._index_path(in_key),
+                {"image": key, "resolved_at": time.time(), "cell": cell.id},
+            )
         return Image(path)
+
+    def _resolved(self, cell: Cell, since: float | None) -> Image | None:
+        """The indexed image, if there is one (resolved after ``since``, when given)."""
+        image = self.cached(cell)
+        if image is None or since is None:
+            return image
+        found = self.indexed(cell)
+        entry = read_index(found[0]) if found else None
+        return image if entry and entry.get("resolved_at", 0) >= since else None
 
     def _assemble(
         self,
