@@ -72,3 +72,22 @@ def test_boot_without_agent_port_fails_at_once_with_the_reason(
         vm.start()
     assert time.monotonic() - start < BOOT_TIMEOUT, "waited out the boot timeout"
     assert not vm.alive, "QEMU left running"
+
+
+def test_failed_launch_leaves_no_run_directory(kmodtest_session, tmp_path):
+    """QEMU cannot even start (its binary is missing): the per-VM socket dir is removed."""
+    import dataclasses
+
+    from kmodtest.errors import MachineError
+    from kmodtest.guest.router import RouterVM
+
+    cell = kmodtest_session.cells[0]
+    pool = kmodtest_session.pool
+    vm = RouterVM.create(cell, pool.image(cell), cell.spec.nics[0], tmp_path / "logs")
+    missing = dataclasses.replace(vm.spec.arch, qemu_binary="qemu-system-kt-missing")
+    vm.spec = dataclasses.replace(vm.spec, arch=missing)
+    assert vm.spec.run_dir.is_dir()
+    assert vm.spec.run_dir.stat().st_mode & 0o777 == 0o700  # sockets: private to us
+    with pytest.raises(MachineError, match="qemu-system-kt-missing is not installed"):
+        vm.start()
+    assert not vm.spec.run_dir.exists(), "the run directory outlived the failed launch"

@@ -99,7 +99,11 @@ class RouterVM:
     def start(self, timeout: float = BOOT_TIMEOUT) -> RouterVM:
         """Boot and wait for the first command to answer; on any failure nothing is left running."""
         start = time.monotonic()
-        self.qemu = self.launcher.start(self.spec)
+        try:
+            self.qemu = self.launcher.start(self.spec)
+        except BaseException:  # its own message (e.g. "not installed, fix: ..."); no run dir left
+            self.stop()
+            raise
         self.watch = ConsoleWatch(self.console_log)
         try:
             transport = UnixSocketTransport.connect(
