@@ -11,6 +11,7 @@ import pty
 import select
 import shutil
 import subprocess
+import time
 import tty
 from collections.abc import Iterator
 from importlib import resources
@@ -69,6 +70,8 @@ def agent(tmp_path: Path) -> Iterator[AgentChannel]:
         subprocess.Popen([BUSYBOX, "sh", str(agent_path), os.ttyname(slave)], env=env),
     ]
     chan = AgentChannel(PtyTransport(master))
+    chan.agent_pid = procs[1].pid  # type: ignore[attr-defined]  (for the watchdog tests)
+    chan.run_dir = run  # type: ignore[attr-defined]
     try:
         yield chan
     finally:
@@ -136,3 +139,33 @@ def test_a_straggling_background_writer_never_leaks_into_the_next_reply(agent):
     second = agent.run("sleep 2; echo second")
     assert (second.stdout, second.stderr) == (b"second\n", b"")
     assert agent.run("echo third").stdout == b"third\n"
+
+
+def test_a_stale_timeout_flag_never_marks_the_next_command(agent):
+    """The watchdog flags a timeout just as its command ends: the flag, landing while the next
+    command runs, names the old request, so the next reply is not a false timeout."""
+    assert agent.run("echo first").stdout == b"first\n"  # request 1
+    reply = agent.run(f"echo 1 >{agent.run_dir}/timedout; echo second")  # request 2
+    assert (reply.stdout, reply.timed_out) == (b"second\n", False)
+
+
+def test_the_watchdog_never_kills_a_pid_that_is_no_longer_the_command(agent):
+    """A stale entry (the command ended, its pid reused by another process) past its deadline:
+    the process with that pid is not the agent's child, so it lives."""
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (agent.run_dir / "running").write_text(f"9 {bystander.pid} {agent.agent_pid} 0\n")
+        time.sleep(2.5)  # the watchdog looks once a second
+        assert bystander.poll() is None, "the watchdog killed an unrelated process"
+        (agent.run_dir / "running").write_text("")
+        assert agent.run("echo alive").stdout == b"alive\n"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_one_second_timeout_never_fires_early(agent):
+    """Deadlines are whole seconds of uptime: without a margin, a 1 s timeout started at x.95
+    would fire 50 ms later."""
+    for _ in range(5):
+        assert agent.run("sleep 0.6; echo done", timeout=1).stdout == b"done\n"
