@@ -10,20 +10,34 @@ import pytest
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
-from kmodtest.guest.rulesets import remove_flowtable_batch, router_ruleset, sample_paths
+from kmodtest.guest.rulesets import (
+    PathSample,
+    apply_and_sample,
+    remove_flowtable_batch,
+    router_ruleset,
+    sample_paths,
+    slowpath_meter_ruleset,
+)
 
 pytestmark = pytest.mark.per_nic
 
 NBYTES = 2_000_000
 CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
-# after a RST through an offloaded flow: the TCP timeout sysctl that caps the entry, per kernel
+# After a RST through an offloaded flow (before 6.14): the TCP timeout sysctl that caps the
+# entry. It follows a change to nf_conntrack_proto_tcp.c tcp_packet() made between 6.1 and 6.12:
+# an in-window RST that leaves the entry ESTABLISHED caps its timeout at the UNACK timeout
+# instead of the CLOSE one (read in both kernels' linux-source; the upstream commit's subject
+# is not named here because it could not be confirmed offline). A stable backport of it to
+# 6.1.y makes this expectation fail, naming the change.
 RST_TIMEOUT_SYSCTL = {(6, 1): "close", (6, 12): "unacknowledged"}
+RST_TIMEOUT_CHANGE = "tcp_packet(): in-window RST on ESTABLISHED caps at UNACK, not CLOSE"
 # Linux 6.14 changed what FIN and RST do to an offloaded flow ("netfilter: flowtable: add
 # CLOSING state", Pablo Neira Ayuso, net-next, January 2025). Before, the first FIN or RST tore
 # the flow down and the close went through conntrack. Since, it only marks the flow CLOSING: the
 # close rides the fast path, and the flow leaves the flowtable when it has idled for the
 # flowtable timeout (or a SYN reopens it), conntrack then set to CLOSE with the CLOSE timeout.
 CLOSING_STATE_SINCE = (6, 14)
+CLOSING_STATE_CHANGE = "netfilter: flowtable: add CLOSING state (Linux 6.14)"
 # the flowtable timeout during those tests: long enough that the flow cannot idle out before the
 # close (the host needs a few round trips), short enough not to wait the default 30 s after it
 FLOW_TIMEOUT_AT_CLOSE = 10
@@ -63,10 +77,14 @@ def test_fin_hands_flow_back_to_conntrack(router, host, nft):
         closed = sample_paths(nft, 4) - before
         entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
 
-    assert not entry.offloaded, f"{entry.raw}{ct.state_report(host)}"
-    assert entry.state in CLOSING and "ASSURED" in entry.flags, entry.raw
+    before_change = f"kernel {router.image.kernel_version}, before '{CLOSING_STATE_CHANGE}'"
+    assert not entry.offloaded, f"{before_change}: {entry.raw}{ct.state_report(host)}"
+    assert entry.state in CLOSING and "ASSURED" in entry.flags, f"{before_change}: {entry.raw}"
     _sane_timeout(host, entry)
-    assert closed.forwarded >= 2, f"the FINs did not take the classic path: {closed}"
+    assert closed.forwarded >= 2, (
+        f"{before_change}: the FINs did not take the classic path (a backport of that change "
+        f"would look like this): {closed}"
+    )
     assert result.intact, str(result)
 
 
@@ -87,10 +105,12 @@ def test_rst_hands_flow_back_to_conntrack(router, host, nft):
     # not the one conntrack expects: it keeps ESTABLISHED (room for an RFC 5961 challenge ACK)
     # but cuts the timeout; to the CLOSE one on 6.1, to the "unacknowledged" one on 6.12.
     ceiling = RST_TIMEOUT_SYSCTL.get(router.image.kernel_series, "unacknowledged")
+    follows = "without" if ceiling == "close" else "with"
     assert entry.state == "ESTABLISHED", entry.raw
     limit = ct.tcp_timeout(host, ceiling)
     assert entry.timeout is not None and 0 < entry.timeout <= limit, (
-        f"{entry.raw}\nexpected a timeout <= nf_conntrack_tcp_timeout_{ceiling} ({limit})"
+        f"{entry.raw}\nexpected a timeout <= nf_conntrack_tcp_timeout_{ceiling} ({limit}): "
+        f"kernel {router.image.kernel_version} expected {follows} '{RST_TIMEOUT_CHANGE}'"
     )
     assert result.intact, str(result)  # everything sent before the RST had arrived
 
@@ -124,12 +144,13 @@ def _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft: Nft, how
             result = t.close()
 
     assert closed.rx_packets >= 1, f"no {how.upper()} reached the router: {closed}"
+    since = f"expected since '{CLOSING_STATE_CHANGE}'"
     assert closed.slowpath.packets == 0 and closed.forwarded == 0, (
-        f"the {how.upper()} took the classic path, not the flowtable: {closed}"
+        f"the {how.upper()} took the classic path, not the flowtable ({since}): {closed}"
     )
     assert entry is not None and entry.state == "CLOSE", (
         f"handed back in {entry and entry.state}, not CLOSE: the {how.upper()} did not mark the "
-        f"flow CLOSING\n{entry and entry.raw}"
+        f"flow CLOSING ({since})\n{entry and entry.raw}"
     )
     limit = ct.tcp_timeout(host, "close")
     assert entry.timeout is not None and 0 <= entry.timeout <= limit, (
@@ -200,53 +221,68 @@ def test_conntrack_delete_of_offloaded_entry(router, host, nft):
     assert result.intact, str(result)
 
 
+# After a removal mid-stream (no FIN or RST seen), flow_offload_fixup_ct() hands the entry back
+# in the TCP state conntrack last saw: ESTABLISHED, on every series here (read in each kernel's
+# own linux-source, net/netfilter/nf_flow_table_core.c: 6.1.192, 6.12.118, 7.2.13). Since 6.14
+# ("netfilter: flowtable: add CLOSING state") only a flow marked CLOSING comes back in CLOSE.
+HANDED_BACK_STATE = "ESTABLISHED"
+
+
 def _handed_back(host, entry: ct.Entry) -> None:
-    """Out of the flowtable, in a sane TCP state. On 6.1 and 6.12 alike the entry stays
-    ESTABLISHED after the close: conntrack's window went stale while offloaded, so it does not
-    take the FINs (and after a flush no rule needs conntrack any more, so it is not asked)."""
     assert not entry.offloaded, entry.raw
-    assert entry.state in CLOSING | {"ESTABLISHED"}, entry.raw
+    assert entry.state == HANDED_BACK_STATE, (
+        f"handed back in {entry.state}, expected {HANDED_BACK_STATE} (flow_offload_fixup_ct "
+        f"keeps the last TCP state of a flow that saw no FIN/RST):\n{entry.raw}"
+    )
     _sane_timeout(host, entry)
 
 
-def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, int, ct.Entry]:
+def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, PathSample, ct.Entry]:
     """Offload a flow, then apply ``removal`` while the rest of the payload is being sent.
 
-    Returns (bytes received when the removal was done, ip_forward packets after it, entry).
+    Returns (payload bytes not yet received at the removal, what the router saw from the
+    removal to the end of the stream, the entry). The removal and the sample that marks it are
+    one guest command, so the sample splits the stream exactly where the flowtable went.
     """
     with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES * 2) as t:
         t.feed(NBYTES // 2)
         t.wait_received()
         _offloaded(host, t)
-        forwarded = traffic.forwarded_packets(host, 4)
         t.feed(background=True, pace=0.2)  # the rest over a few seconds: removal lands mid-stream
-        applied = nft.apply(removal)
-        at_removal = t.received()
+        at_removal = apply_and_sample(nft, removal, 4)
+        left = NBYTES * 2 - t.received()
         t.wait_received()
-        forwarded = traffic.forwarded_packets(host, 4) - forwarded
+        after = sample_paths(nft, 4) - at_removal
         entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
         result = t.close()
-    assert applied.rc == 0, applied.stderr
     assert result.intact, str(result)
-    assert at_removal < NBYTES * 2, "the transfer was over before the removal: not mid-transfer"
-    return at_removal, forwarded, entry
+    assert left > NBYTES // 2, f"only {left} B were left after the removal: not mid-transfer"
+    return left, after, entry
+
+
+def _rest_took_the_forward_path(left: int, after: PathSample) -> None:
+    # most of what the server still lacked at the removal crossed the router after it (some
+    # was already past the router, in flight or in the server's socket buffer) ...
+    assert after.rx_bytes * 2 >= left, f"{left} B left at the removal, router saw: {after}"
+    # ... and nearly all of it took the forward chain, none the flowtable's fast path
+    assert after.mostly_classic(), f"after the removal, not all on the forward path: {after}"
 
 
 def test_deleting_flowtable_mid_transfer_falls_back_to_slow_path(router, host, nft):
     removal = remove_flowtable_batch(nft)
-    at_removal, forwarded, entry = _run_through_removal(router, host, nft, removal)
+    left, after, entry = _run_through_removal(router, host, nft, removal)
 
     assert nft.flowtables() == []
     _handed_back(host, entry)
-    # the part sent after the removal crossed ip_forward (GRO merges a few frames per packet)
-    left = NBYTES * 2 - at_removal
-    assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"
+    _rest_took_the_forward_path(left, after)
 
 
 def test_flushing_ruleset_mid_transfer_falls_back_to_slow_path(router, host, nft):
-    at_removal, forwarded, entry = _run_through_removal(router, host, nft, "flush ruleset")
+    # the flush, then only a meter: a forward-chain counter (no flowtable, no conntrack rule),
+    # added in the same transaction so it counts from the first packet after the flush
+    removal = f"flush ruleset\n{slowpath_meter_ruleset()}"
+    left, after, entry = _run_through_removal(router, host, nft, removal)
 
-    assert nft.ruleset().strip() == ""
+    assert nft.flowtables() == []
     _handed_back(host, entry)
-    left = NBYTES * 2 - at_removal
-    assert forwarded * 1448 * 64 >= left, f"only {forwarded} packets forwarded for {left} B"
+    _rest_took_the_forward_path(left, after)

@@ -70,29 +70,43 @@ def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(rout
     assert during.slowpath.bytes >= NBYTES, f"without a flowtable all must go slow: {during}"
 
 
+WAN_MTU = 1280
+
+
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, nft, family):
     assert nft.apply(router_ruleset()).rc == 0
     server = router.topology.server.address(family)
     # e1000e and e1000 reset their link on an MTU change: traffic waits for carrier
-    links.change(host, "ip link set dev wan mtu 1280", router.topology.namespaces)
+    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", router.topology.namespaces)
     try:
-        too_big = traffic.icmp_too_big_sent(host, family)
-        with traffic.open_flow(host, router.topology, "tcp", family, "up", NBYTES) as t:
-            t.feed()
-            t.wait_received()
-            entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
-            result = t.close()
-        too_big = traffic.icmp_too_big_sent(host, family) - too_big
+        with traffic.oversize_meter(host, "server", "eth0", WAN_MTU) as crossed_oversize:
+            too_big = traffic.icmp_too_big_sent(host, family)
+            refused = traffic.frag_fails(host, family)
+            with traffic.open_flow(host, router.topology, "tcp", family, "up", NBYTES) as t:
+                t.feed()
+                t.wait_received()
+                entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+                result = t.close()
+            too_big = traffic.icmp_too_big_sent(host, family) - too_big
+            refused = traffic.frag_fails(host, family) - refused
+            oversize_at_server = crossed_oversize()
         pmtu = host.check_output(f"ip -n client -{family} route get {server}")
-    finally:  # the client's learnt PMTU would outlive this test
+    finally:  # the client's learnt PMTU would outlive this test (the reset puts 1500 back)
         host.run("ip -n client route flush cache; ip -n client -6 route flush cache")
 
-    # the client sends 1500-byte packets (server MSS 1460); the flowtable hands packets over
-    # the 1280 egress MTU to the classic path, which answers "too big"; the client's PMTU
-    # drops, and the now-fitting packets are offloaded
-    assert too_big > 0, "no ICMP too-big: oversize packets did not take the classic path"
-    assert "mtu 1280" in pmtu, f"client did not learn the path MTU: {pmtu}"
+    # the client sends 1500-byte packets (server MSS 1460); the flowtable hands every packet
+    # over the 1280 egress MTU to the classic path, which refuses it and answers "too big"; the
+    # client's PMTU drops, and the now-fitting packets are offloaded
+    assert oversize_at_server == 0, (
+        f"{oversize_at_server} packets over the {WAN_MTU}-byte WAN MTU reached the server: "
+        "the fast path forwarded oversize packets instead of handing them to the classic path"
+    )
+    assert refused > 0 and too_big > 0, (
+        f"classic path refused {refused} oversize packets, sent {too_big} ICMP too-big: "
+        "the oversize packets did not take the classic path"
+    )
+    assert f"mtu {WAN_MTU}" in pmtu, f"client did not learn the path MTU: {pmtu}"
     assert entry.offloaded, f"{entry.raw}{ct.state_report(host)}"
     assert result.intact, str(result)
 

@@ -128,6 +128,7 @@ class PathSample:
     slowpath: Counter  # nft forward-chain counter (classic path, per skb after GRO)
     forwarded: int  # ip(6)_forward packets: classic path, independent of nft
     rx_packets: int  # frames received on the router ports (wire level, both directions)
+    rx_bytes: int = 0  # their bytes (Ethernet header included)
 
     def __sub__(self, other: PathSample) -> PathSample:
         return PathSample(
@@ -137,7 +138,13 @@ class PathSample:
             ),
             self.forwarded - other.forwarded,
             self.rx_packets - other.rx_packets,
+            self.rx_bytes - other.rx_bytes,
         )
+
+    def mostly_classic(self) -> bool:
+        """Nearly every byte the router received took the forward chain: >= 90% (the rest is
+        Ethernet headers, 1% of a full frame, 21% of a bare ACK)."""
+        return self.rx_bytes > 0 and self.slowpath.bytes * 10 >= self.rx_bytes * 9
 
     def mostly_offloaded(self, payload_bytes: int) -> bool:
         """The nft_flowtable.sh criterion, tightened: slow path << traffic, by packets and bytes."""
@@ -150,25 +157,61 @@ class PathSample:
     def __str__(self) -> str:
         return (
             f"forward chain {self.slowpath.packets} pkts/{self.slowpath.bytes} B, "
-            f"ip_forward {self.forwarded} pkts, router ports received {self.rx_packets} frames"
+            f"ip_forward {self.forwarded} pkts, router ports received {self.rx_packets} frames/"
+            f"{self.rx_bytes} B"
         )
 
 
 _SEP = "=kt-sep="
 
 
+RX_FILES = ("rx_packets", "rx_bytes")
+
+
+def _sample_script(family: int, ports: tuple[str, ...], table: str) -> str:
+    stats = " ".join(
+        f"/sys/class/net/{port}/statistics/{name}" for port in ports for name in RX_FILES
+    )
+    return (
+        f"nft -j list chain inet {table} forward; echo {_SEP}; cat {stats}; echo {_SEP}; "
+        f"{FORWARDED_COUNTER[family]}"
+    )
+
+
+def _parse_sample(out: str, family: int) -> PathSample:
+    listing, rx_text, forwarded = out.split(_SEP)[-3:]  # not '#': nft's release names hold one
+    counter = _counter(_find_rule(json.loads(listing)["nftables"], SLOWPATH))
+    rx = [int(v) for v in rx_text.split()]
+    return PathSample(counter, parse_forwarded(forwarded, family), sum(rx[0::2]), sum(rx[1::2]))
+
+
 def sample_paths(
     nft: Nft, family: int, ports: tuple[str, ...] = ROUTER_PORTS, table: str = TABLE
 ) -> PathSample:
     """One guest round trip (each exec costs tens of ms under TCG, and tests sample often)."""
-    rx = " ".join(f"/sys/class/net/{port}/statistics/rx_packets" for port in ports)
-    out = nft.host.check_output(
-        f"nft -j list chain inet {table} forward; echo {_SEP}; cat {rx}; echo {_SEP}; "
-        f"{FORWARDED_COUNTER[family]}"
+    return _parse_sample(nft.host.check_output(_sample_script(family, ports, table)), family)
+
+
+def apply_and_sample(
+    nft: Nft, batch: str, family: int, ports: tuple[str, ...] = ROUTER_PORTS, table: str = TABLE
+) -> PathSample:
+    """Apply an ``nft -f`` batch and sample the paths right after it, in one guest command:
+    the sample marks the instant the batch took effect (e.g. a flowtable removed mid-stream).
+    The batch must leave a forward chain with the ``kt-slowpath`` counter in ``table``."""
+    script = (
+        f"set -e\nnft -f - <<'KMODTEST_EOF'\n{batch}\nKMODTEST_EOF\n"
+        f"echo {_SEP}\n{_sample_script(family, ports, table)}"
     )
-    listing, rx_text, forwarded = out.split(_SEP)  # not '#': nft's release names may hold one
-    counter = _counter(_find_rule(json.loads(listing)["nftables"], SLOWPATH))
-    return PathSample(counter, parse_forwarded(forwarded, family), sum(map(int, rx_text.split())))
+    return _parse_sample(nft.host.check_output(script), family)
+
+
+def slowpath_meter_ruleset(table: str = TABLE) -> str:
+    """Only the forward chain's ``kt-slowpath`` counter: no flowtable, no conntrack rule."""
+    return (
+        f"table inet {table} {{\n  chain forward {{\n"
+        "    type filter hook forward priority filter; policy accept;\n"
+        f'    counter comment "{SLOWPATH}"\n  }}\n}}'
+    )
 
 
 HW_PROBE_TABLE = "kt_hw_probe"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -360,6 +360,49 @@ def icmp_too_big_sent(host: testinfra.host.Host, family: int) -> int:
             return 0
         return int(dict(zip(out[0].split(), out[1].split(), strict=True)).get("OutType3", 0))
     return int(host.check_output("grep '^Icmp6OutPktTooBigs' /proc/net/snmp6").split()[1])
+
+
+def frag_fails(host: testinfra.host.Host, family: int) -> int:
+    """Packets the classic forwarding path refused as too big for the egress MTU (each one
+    answered with an ICMP too-big, which is rate-limited; this counter is not)."""
+    if family == 4:
+        names, values = (
+            ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
+        )
+        return int(dict(zip(names, values, strict=True))["FragFails"])
+    return int(host.check_output("grep '^Ip6FragFails' /proc/net/snmp6").split()[1])
+
+
+OVERSIZE_TABLE = "kt_oversize"
+
+
+@contextmanager
+def oversize_meter(
+    host: testinfra.host.Host, netns: str, dev: str, mtu: int
+) -> Iterator[Callable[[], int]]:
+    """Count packets longer than ``mtu`` arriving on ``dev`` in ``netns`` (an nft netdev ingress
+    counter there), e.g. on the server: did anything cross a link bigger than its MTU? Yields
+    a function returning the count; the table is removed afterwards (the reset between tests
+    only flushes the router's own ruleset)."""
+    nft = f"ip netns exec {netns} nft"
+    host.check_output(
+        f"{nft} -f - <<'KMODTEST_EOF'\ntable netdev {OVERSIZE_TABLE} {{\n  chain in {{\n"
+        f"    type filter hook ingress device {dev} priority 0;\n"
+        f"    meta length > {mtu} counter\n  }}\n}}\nKMODTEST_EOF"
+    )
+
+    def count() -> int:
+        listing = json.loads(host.check_output(f"{nft} -j list chain netdev {OVERSIZE_TABLE} in"))
+        for obj in listing["nftables"]:
+            for expr in obj.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
+        raise LookupError(f"no counter in {OVERSIZE_TABLE}")
+
+    try:
+        yield count
+    finally:
+        host.run(f"{nft} delete table netdev {OVERSIZE_TABLE}")
 
 
 @dataclass(frozen=True)
