@@ -143,13 +143,22 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 
 def install_signal_handlers() -> None:
-    """Make SIGTERM/SIGHUP unwind like SIGINT does (main thread only; idempotent)."""
+    """Make SIGTERM/SIGHUP unwind like SIGINT does, and SIGINT always unwind (main thread only;
+    idempotent).
+
+    A SIGINT ignored on entry is restored too: a shell without job control starts background
+    commands (``pytest ... &`` in a script, some CI runners) with SIGINT ignored, and Python
+    then keeps it ignored, so ``kill -INT`` would neither stop the run nor clean up its VMs.
+    SIGHUP stays ignored when it was (that is what ``nohup`` asks for).
+    """
     global _signals_installed
     if _signals_installed or threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) in (signal.SIG_DFL, None):
             signal.signal(sig, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _signals_installed = True
 
 

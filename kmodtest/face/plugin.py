@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from kmodtest import processes
 from kmodtest.errors import KmodtestError
 from kmodtest.face import options, patching
 from kmodtest.face.options import Settings
@@ -94,6 +95,7 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    processes.install_signal_handlers()  # before any build or boot: an interrupt always stops
     try:
         session = _make_session(config)
     except KmodtestError as exc:
