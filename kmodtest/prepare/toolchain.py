@@ -123,15 +123,8 @@ def run_in_chroot(
     """A private mount namespace (so parallel builds never see each other's /build)."""
     unshare = processes.require_tool("unshare", "util-linux")
     userns = [] if os.geteuid() == 0 else ["--map-root-user"]
-    mounts = "".join(f'mkdir -p "$r{guest}"; mount --bind "{host}" "$r{guest}"; '
-                     for host, guest in extra_binds)  # fmt: skip
-    script = (
-        'set -e; r="$1"; b="$2"; shift 2; '
-        f'mount --rbind /dev "$r/dev"; mount --bind "$b" "$r/build"; {mounts}'
-        'exec chroot "$r" env -i PATH=/usr/bin:/usr/sbin HOME=/tmp LANG=C.UTF-8 "$@"'
-    )
-    full = [unshare, "--mount", "--fork", "--kill-child", *userns, "sh", "-c", script, "sh",
-            str(root), str(bind), *argv]  # fmt: skip
+    full = [unshare, "--mount", "--fork", "--kill-child", *userns,
+            *chroot_argv(root, argv, bind, extra_binds)]  # fmt: skip
     with open(log_path, "a") as log_file:
         log_file.write(f"$ {' '.join(argv)}\n")
         log_file.flush()
@@ -148,6 +141,27 @@ def run_in_chroot(
             return proc.wait()
         finally:
             processes.terminate(proc)  # also on Ctrl-C: no make left writing into the workspace
+
+
+# Every path is an argument of the script, never part of its text: a --source or --module-src
+# path with spaces, quotes or $(...) in it stays one word and is never run.
+_CHROOT_SCRIPT = (
+    'set -e; r="$1"; b="$2"; n="$3"; shift 3; '
+    'mount --rbind /dev "$r/dev"; mount --bind "$b" "$r/build"; '
+    'while [ "$n" -gt 0 ]; do mkdir -p "$r$2"; mount --bind "$1" "$r$2"; shift 2; '
+    "n=$((n - 1)); done; "
+    'exec chroot "$r" env -i PATH=/usr/bin:/usr/sbin HOME=/tmp LANG=C.UTF-8 "$@"'
+)
+
+
+def chroot_argv(
+    root: Path, argv: Sequence[str], bind: Path, extra_binds: Sequence[tuple[Path, str]] = ()
+) -> list[str]:
+    """``sh -c`` argv that bind-mounts ``bind`` at /build (and ``extra_binds``) into ``root``
+    and runs ``argv`` chrooted there (inside the caller's private mount namespace)."""
+    pairs = [str(x) for host, guest in extra_binds for x in (host, guest)]
+    return ["sh", "-c", _CHROOT_SCRIPT, "sh", str(root), str(bind), str(len(extra_binds)),
+            *pairs, *argv]  # fmt: skip
 
 
 def _compiler(root: Path, release: str) -> str:

@@ -15,6 +15,12 @@ log = logging.getLogger(__name__)
 AGENT_PORT_NAME = "org.kmodtest.agent"
 
 
+def _opt(path: object) -> str:
+    """A path as a value inside a QEMU ``key=value,...`` option: commas doubled (QEMU's own
+    escape), so a --log-dir or TMPDIR with a comma cannot add or cut options."""
+    return str(path).replace(",", ",,")
+
+
 def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
     """The full command line; deterministic, so it is tested as a golden value."""
     argv = [
@@ -34,18 +40,18 @@ def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
     if spec.icount and spec.accel == "tcg":
         argv += ["-icount", "shift=0,sleep=off"]
     argv += [
-        "-chardev", f"file,id=console,path={spec.console_log}",
+        "-chardev", f"file,id=console,path={_opt(spec.console_log)}",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={_opt(spec.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
     ]  # fmt: skip
     for nic in spec.nics:
         argv += [
             "-netdev",
-            f"dgram,id={nic.name},local.type=unix,local.path={nic.link.local},"
-            f"remote.type=unix,remote.path={nic.link.remote}",
+            f"dgram,id={nic.name},local.type=unix,local.path={_opt(nic.link.local)},"
+            f"remote.type=unix,remote.path={_opt(nic.link.remote)}",
             "-device",
             # romfile= skips the PXE option ROM: nothing network-boots, and it saves boot time
             f"{nic.model},netdev={nic.name},mac={nic.mac},romfile=",
