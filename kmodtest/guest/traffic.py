@@ -160,6 +160,16 @@ class Transfer:
         regex, table = self._listen_probe()
         srv_ns, cli_ns = self.topology.server.netns, self.topology.client.netns
         sender = "server" if self.flow.direction == "down" else "client"
+        # UDP has no retransmission: resolve the neighbours along the path first (one ping),
+        # or the first burst overflows the queue of a still unresolved ARP/ND entry and is
+        # dropped (seen right after boot, and after a link reset flushed the neighbours)
+        server_ip = self.server_ip or self.topology.server.address(self.flow.family)
+        prime = (
+            f"ip netns exec {cli_ns} ping -{self.flow.family} -c 1 -W 5 {server_ip} >/dev/null "
+            f'|| echo "warning: no ping reply from {server_ip}" >&2'
+            if self.flow.proto == "udp"
+            else ""
+        )
         self._sh(
             f"""set -e
 rm -rf $d; mkdir -p $d
@@ -170,6 +180,7 @@ echo $! >$d/holder.pid
 bg $d/server.pid $d/server.log {srv_ns} {shlex.join(server)}
 waitfor 10 listening $d/server.pid {shlex.quote(regex)} {table} || {{
   echo "server did not bind port {self.flow.port}" >&2; exit 1; }}
+{prime}
 bg $d/client.pid $d/client.log {cli_ns} {shlex.join(client)}
 waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; }}
 """,
@@ -374,18 +385,27 @@ def frag_fails(host: testinfra.host.Host, family: int) -> int:
 
 
 OVERSIZE_TABLE = "kt_oversize"
+GRO_SIZES = ("gro_max_size", "gro_ipv4_max_size")  # the second exists since Linux 6.3
 
 
 @contextmanager
 def oversize_meter(
     host: testinfra.host.Host, netns: str, dev: str, mtu: int
 ) -> Iterator[Callable[[], int]]:
-    """Count packets longer than ``mtu`` arriving on ``dev`` in ``netns`` (an nft netdev ingress
-    counter there), e.g. on the server: did anything cross a link bigger than its MTU? Yields
-    a function returning the count; the table is removed afterwards (the reset between tests
-    only flushes the router's own ruleset)."""
+    """Count frames longer than ``mtu`` (IP bytes) arriving on ``dev`` in ``netns``, e.g. on the
+    server: did anything cross a link bigger than its MTU? An nft netdev ingress counter there,
+    with GRO stopped on ``dev`` meanwhile (its size limits set to 0), so the counter sees each
+    frame as it came off the wire, not a merged super-packet. Yields a function returning the
+    count; the table is removed and the GRO limits put back afterwards (the reset between tests
+    knows nothing of them)."""
+    ip = f"ip -n {netns}"
+    [link] = json.loads(host.check_output(f"{ip} -d -j link show dev {dev}"))
+    gro = {k: link[k] for k in GRO_SIZES if k in link}
+    if not gro:
+        raise AssertionError(f"cannot stop GRO on {netns}/{dev}: ip shows no gro_max_size")
     nft = f"ip netns exec {netns} nft"
     host.check_output(
+        f"{ip} link set dev {dev} {' '.join(f'{k} 0' for k in gro)}\n"
         f"{nft} -f - <<'KMODTEST_EOF'\ntable netdev {OVERSIZE_TABLE} {{\n  chain in {{\n"
         f"    type filter hook ingress device {dev} priority 0;\n"
         f"    meta length > {mtu} counter\n  }}\n}}\nKMODTEST_EOF"
@@ -402,7 +422,8 @@ def oversize_meter(
     try:
         yield count
     finally:
-        host.run(f"{nft} delete table netdev {OVERSIZE_TABLE}")
+        restore = " ".join(f"{k} {v}" for k, v in gro.items())
+        host.run(f"{nft} delete table netdev {OVERSIZE_TABLE}; {ip} link set dev {dev} {restore}")
 
 
 @dataclass(frozen=True)
