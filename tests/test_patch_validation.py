@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,21 @@ def test_self_built_kernel_boots_and_runs_the_suite(repo, tmp_path):
     print(result.stdout[-6000:], result.stderr[-3000:])
     assert result.returncode == 0
     assert f"kernel {meta['release']}" in result.stdout
+
+
+def test_patch_that_does_not_compile_names_a_build_log_that_exists(repo, tmp_path):
+    """The build runs in a workspace that is removed afterwards: the log it names is a copy."""
+    broken = tmp_path / "does-not-compile.patch"
+    broken.write_text(
+        NEVER_OFFLOAD.read_text().replace(
+            "+\tif (flow)\n+\t\treturn -EOPNOTSUPP;\n", "+\tkmodtest_no_such_function(\n+\t;\n"
+        )
+    )
+    result = validate(repo, tmp_path, "--patch", str(broken), *OFFLOAD_TEST)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert "module build failed" in text, text[-3000:]
+    log = Path(re.search(r"full build log:\s+(\S+)", text)[1])
+    assert log.is_file(), f"the error names {log}, which does not exist"
+    assert "kmodtest_no_such_function" in log.read_text()
+    log.unlink()

@@ -48,6 +48,7 @@ class CellVerdict:
     first_failure: str = ""
     load_failure: str = ""
     problem: str = ""  # could not build or run at all
+    fix: str = ""  # what the problem's error says to do (e.g. the full build log's path)
     timings: OverlayTimings | None = None
     base_seconds: float = 0.0
     test_seconds: float = 0.0
@@ -153,6 +154,7 @@ def _prebuild(
         image = overlay.get(cell, base)
     except KmodtestError as exc:
         verdict.problem = f"build failed: {exc.problem}"
+        verdict.fix = exc.fix or ""
         verdict.timings = overlay.timings.get(cell.id)
         return False
     verdict.timings = overlay.timings.get(cell.id)
@@ -228,6 +230,8 @@ def print_verdicts(change: ModuleChange, verdicts: list[CellVerdict]) -> None:
         )  # fmt: skip
     wide.print(table)
     for v in verdicts:
+        if v.fix:  # on a line of its own, unwrapped: it often ends in a path to copy
+            wide.print(f"{v.cell}: fix: {_escape(v.fix)}", highlight=False, soft_wrap=True)
         for w in v.warnings:
             wide.print(f"[yellow]{v.cell}: {_escape(w)}[/]", highlight=False)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kmodtest import flowtable
 from kmodtest.errors import BuildError
+from kmodtest.prepare.debian import keep_log
 from kmodtest.prepare.modchange import MODULE_DIR, Workspace
 from kmodtest.prepare.toolchain import MOUNT_POINT, Toolchain
 from kmodtest.progress import Progress
@@ -138,9 +139,10 @@ def build_modules(
     if rc != 0:
         errors = [ln for ln in text.splitlines() if "error:" in ln or ln.startswith("ERROR")]
         summary = "\n".join(errors[:15]) or "\n".join(text.splitlines()[-20:])
+        kept = keep_log(log_path, f"kbuild-{toolchain.release}")  # the workspace is removed
         raise BuildError(
             f"module build failed for {toolchain.release} (exit {rc}):\n{summary}",
-            f"fix the patch; full build log: {log_path}",
+            f"fix the patch; full build log: {kept}",
         )
     built = {}
     for name in info.get("modules", []):

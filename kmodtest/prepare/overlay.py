@@ -117,9 +117,8 @@ class OverlayBuilder:
         start = time.monotonic()
         sources = get_sources(self.cache, kernel, self.progress)
         t.sources = time.monotonic() - start
-        work_parent = self.cache.root / "work"
-        work_parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"overlay-{cell.id}.", dir=work_parent) as tmp:
+        # locked while it exists: `cache prune` never removes it from under this build
+        with self.cache.workdir(prefix=f"overlay-{cell.id}.") as tmp:
             start = time.monotonic()
             ws = prepare(self.change, sources.root, Path(tmp) / "ws")
             t.prepare = time.monotonic() - start
