@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kmodtest.errors import ConfigError
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import load_matrix
 from kmodtest.prepare.toolchain import chroot_argv
 
@@ -108,17 +108,19 @@ def test_the_vm_works(router, host):
 """
 
 
-def test_paths_with_spaces_commas_and_command_substitution(pytester, repo, inner_env, monkeypatch):
+def test_paths_with_spaces_commas_and_command_substitution(
+    pytester, repo, inner_env, monkeypatch, kmodtest_session
+):
     """--log-dir, --image-cache, --kernels-dir and TMPDIR (the VM's socket dir) all hold a
     space, a comma and $(...): the VM boots, and nothing is run or split."""
-    marker = Path(tempfile.gettempdir()) / f"kt-pwned-{uuid.uuid4().hex[:8]}"
+    marker = f"kt-pwned-{uuid.uuid4().hex[:8]}"  # a shell would create it in its cwd
     tricky = f"a b,c $(touch {marker})"
     base = Path(tempfile.mkdtemp(prefix="kt-sec-"))  # short: unix socket paths <= 107 bytes
     try:
         kernels = base / f"kernels {tricky}"
         shutil.copytree(repo / "kernels", kernels)
         cache = base / f"cache {tricky}"
-        cache.symlink_to(default_cache_dir())  # the shared images, reached through the path
+        cache.symlink_to(kmodtest_session.cache.root)  # the shared images, through the path
         tmpdir = base / f"t{tricky}"
         tmpdir.mkdir()
         monkeypatch.setenv("TMPDIR", str(tmpdir))  # the VM's socket dir is made under it
@@ -130,8 +132,8 @@ def test_paths_with_spaces_commas_and_command_substitution(pytester, repo, inner
         )  # fmt: skip
         assert result.ret == 0, result.stdout.str()[-3000:]
         result.assert_outcomes(passed=1)
-        assert not marker.exists(), "a path reached a shell unquoted"
+        cwds = (repo, pytester.path, base, Path("/"), Path.home(), Path(tempfile.gettempdir()))
+        assert not [d for d in cwds if (d / marker).exists()], "a path reached a shell unquoted"
         assert list((base / ("logs " + tricky)).rglob("console.log")), "no console log there"
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        marker.unlink(missing_ok=True)
