@@ -45,16 +45,23 @@ def fetch(
     progress: Progress,
     apt_options: tuple[str, ...] = (),
     updates: bool = True,
+    hooks: tuple[str, ...] = (),
 ) -> FetchedTree:
-    """Unpack ``packages`` and all their dependencies for ``debian_arch`` into ``workdir/root``."""
+    """Unpack ``packages`` and all their dependencies for ``debian_arch`` into ``workdir/root``.
+
+    ``hooks``: extra mmdebstrap hook options (e.g. ``--extract-hook=...``) for what
+    ``--include`` cannot say, like unpacking a package without its dependencies.
+    """
     mmdebstrap = processes.require_tool("mmdebstrap", "mmdebstrap")
     tarball = workdir / "packages.tar"
     argv = [
         mmdebstrap,
         "--variant=extract",
         f"--architectures={debian_arch}",
-        f"--include={','.join(packages)}",
-        f'--extract-hook=ls "$1"/var/cache/apt/archives/ > "$1"/{_DEBS_LIST}',
+        *([f"--include={','.join(packages)}"] if packages else []),
+        # (no archives directory when nothing was included)
+        f'--extract-hook=ls "$1"/var/cache/apt/archives/ > "$1"/{_DEBS_LIST} 2>/dev/null || :',
+        *hooks,
         *[f"--aptopt={opt}" for opt in apt_options],
         *([] if updates else [_NO_UPDATES_HOOK]),
         suite,
