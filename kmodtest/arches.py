@@ -37,6 +37,9 @@ class KernelBuild:
     kconfig: tuple[str, ...]  # CONFIG_ lines on top of the suite's common fragment
     cross: str = ""  # CROSS_COMPILE= on an amd64 host ('' = native)
     cross_package: str = ""  # Debian package with that cross compiler ('' = none needed)
+    # GNU triplet of Debian's toolchain for the arch: its binutils and versioned gccs are
+    # <triplet>-<tool> on every host (the module loop's CROSS_COMPILE, native or cross)
+    triplet: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ ARCHES: dict[str, Arch] = {
             console="ttyS0",
             kbuild=KernelBuild(
                 karch="x86",
+                triplet="x86_64-linux-gnu",
                 image="bzImage",
                 kconfig=_lines("""
                     CONFIG_64BIT=y CONFIG_SERIAL_8250=y CONFIG_SERIAL_8250_CONSOLE=y
@@ -111,6 +115,7 @@ ARCHES: dict[str, Arch] = {
             cpu="max,pauth=off",
             kbuild=KernelBuild(
                 karch="arm64",
+                triplet="aarch64-linux-gnu",
                 cross="aarch64-linux-gnu-",
                 cross_package="gcc-aarch64-linux-gnu",
                 image="Image",
@@ -127,6 +132,7 @@ ARCHES: dict[str, Arch] = {
             cpu="cortex-a15",
             kbuild=KernelBuild(
                 karch="arm",
+                triplet="arm-linux-gnueabihf",
                 cross="arm-linux-gnueabihf-",
                 cross_package="gcc-arm-linux-gnueabihf",
                 image="zImage",
