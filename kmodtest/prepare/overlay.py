@@ -39,6 +39,7 @@ OVERLAY_CODE = (
     *(f"kmodtest.prepare.{m}" for m in ("overlay", "kbuild", "modchange", "toolchain", "ksource")),
     *("kmodtest.prepare.debian", "kmodtest.prepare.modules"),
     "kmodtest.flowtable",  # the modules every layer rebuilds
+    "kmodtest.arches",  # ARCH=, the toolchain triplet
 )
 
 
@@ -50,6 +51,7 @@ class OverlayTimings:
     prepare: float = 0.0
     toolchain: float = 0.0
     compile: float = 0.0
+    cross: bool = False  # built on a host of another arch
     layer: float = 0.0
     cached: bool = False  # the whole layer came from the cache
 
@@ -57,7 +59,10 @@ class OverlayTimings:
         return [
             ("kernel sources (linux-source, kept parts)", self.sources),
             ("apply change", self.prepare),
-            ("toolchain chroot (suite gcc + headers)", self.toolchain),
+            (
+                f"toolchain chroot ({'cross gcc' if self.cross else 'suite gcc'} + headers)",
+                self.toolchain,
+            ),
             ("module build", self.compile),
             ("overlay layer (depmod + cpio)", self.layer),
         ]
@@ -105,6 +110,8 @@ class OverlayBuilder:
     change: ModuleChange
     progress: Progress = field(default_factory=lambda: Progress(quiet=True))
     timings: dict[str, OverlayTimings] = field(default_factory=dict)  # cell id -> last build
+    # where a failed build's logs are copied (the run's log directory): the workspace goes
+    log_dir: Path = field(default_factory=lambda: Path("kmodtest-logs").absolute())
 
     def __call__(self, cell: Cell, base: Image) -> Image:
         return self.get(cell, base)
@@ -112,7 +119,7 @@ class OverlayBuilder:
     def get(self, cell: Cell, base: Image) -> Image:
         if why := cross_build_skip(cell):
             raise ConfigError(f"cell {cell.id}: {why}", "select a cell of the host's arch")
-        t = self.timings[cell.id] = OverlayTimings()
+        t = self.timings[cell.id] = OverlayTimings(cross=cell.arch.debian != host_debian_arch())
         kernel = kernel_packages(cell, base)
         start = time.monotonic()
         sources = get_sources(self.cache, kernel, self.progress)
@@ -128,7 +135,7 @@ class OverlayBuilder:
                 return Image(self.cache.path("overlays", key))
 
             def build(out: Path) -> None:
-                self._build(cell, kernel, base, ws, out, t)
+                self._build(cell, kernel, base, ws, sources.root, out, t)
 
             return Image(self.cache.get_or_build("overlays", key, build))
 
@@ -138,18 +145,29 @@ class OverlayBuilder:
         kernel: KernelPackages,
         base: Image,
         ws: Workspace,
+        pristine: Path,
         out: Path,
         t: OverlayTimings,
     ) -> None:
         start = time.monotonic()
         toolchain = get_toolchain(self.cache, kernel, self.progress)
         t.toolchain = time.monotonic() - start
+
+        def keep_log(log: Path, name: str) -> Path:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            kept = self.log_dir / f"{cell.id}-{name}.log"
+            shutil.copyfile(log, kept)
+            return kept
+
         with self.progress.step(f"{cell.id}: building modules ({self.change.label})"):
-            built = kbuild.build_modules(toolchain, ws, self.progress)
-            strip = ["strip", "--strip-debug"]
+            built = kbuild.build_or_diagnose(toolchain, ws, pristine, self.progress, keep_log)
+            strip = [toolchain.strip, "--strip-debug"]
             strip += [f"{MOUNT_POINT}/{p.relative_to(ws.root)}" for p in built.modules.values()]
             if toolchain.run(strip, ws.root, built.log) != 0:
-                raise BuildError("strip failed on the built modules", f"see {built.log}")
+                raise BuildError(
+                    f"the build environment failed: {toolchain.strip} failed on the modules",
+                    f"see {keep_log(built.log, 'module-build')}",
+                )
         t.compile = built.seconds
         start = time.monotonic()
         with self.progress.step(f"{cell.id}: overlay layer over image {base.path.name}"):
@@ -166,6 +184,7 @@ class OverlayBuilder:
                 "touched": ws.touched,
                 "modules": placed,
                 "toolchain_cc": toolchain.cc,
+                "cross": toolchain.cross,
                 "modpost_warnings": built.warnings,
                 "notes": built.notes,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -223,10 +242,6 @@ def _sha256_file(path: Path) -> str:
 
 def cross_build_skip(cell: Cell) -> str | None:
     """Why the module loop cannot build for ``cell`` on this host (None: it can)."""
-    if cell.arch.debian == host_debian_arch():
+    if cell.arch.kbuild.triplet:
         return None
-    return (
-        f"module loop: {cell.arch.name} modules need a cross build (Debian's "
-        f"linux-headers-*-{cell.arch.debian} with a cross gcc), not done yet on this "
-        f"{host_debian_arch()} host"
-    )
+    return f"module loop: no kbuild triplet for {cell.arch.name} (kmodtest/arches.py)"
