@@ -24,6 +24,8 @@ from kmodtest.prepare.overlay import OverlayBuilder, cross_build_skip
 from kmodtest.progress import Progress
 
 LOAD_FAILURE_PROPERTY = "kmodtest_module_load_failure"
+CELL_PROPERTY = "kmodtest_cell"  # on every VM test's reports, also under xdist
+CASE_ARG = "vm_case"
 
 
 def add_options(group: pytest.OptionGroup) -> None:
@@ -77,7 +79,10 @@ def module_change(config: pytest.Config) -> ModuleChange | None:
     return change
 
 
-def overlay_builder(config: pytest.Config, cache: Cache, quiet: bool) -> OverlayBuilder | None:
+def overlay_builder(
+    config: pytest.Config, cache: Cache, quiet: bool, log_dir: Path
+) -> OverlayBuilder | None:
+    """The module loop's layer builder; a failed build's logs go to ``log_dir``."""
     change = module_change(config)
     if change is None:
         return None
@@ -86,7 +91,7 @@ def overlay_builder(config: pytest.Config, cache: Cache, quiet: bool) -> Overlay
             "--module-patch/--module-src apply to Debian cells, not to --kernel-image",
             "patch and rebuild your own kernel tree instead",
         )
-    return OverlayBuilder(cache, change, Progress(quiet=quiet))
+    return OverlayBuilder(cache, change, Progress(quiet=quiet), log_dir=log_dir)
 
 
 def overlay_skips(cells: list[Cell], skips: dict[str, str]) -> dict[str, str]:
@@ -136,7 +141,8 @@ def adhoc_cells(config: pytest.Config) -> list[Cell] | None:
 
 
 class ModuleLoadReporter:
-    """Names the modules that failed to load when a test fails (overlay and local kernels)."""
+    """Names the modules that failed to load when a test fails (overlay and local kernels),
+    and the cell of every VM test's report (what ``kmodtest validate`` counts per cell)."""
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(
@@ -144,6 +150,10 @@ class ModuleLoadReporter:
     ) -> Iterator[None]:
         outcome = yield
         report: pytest.TestReport = outcome.get_result()
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get(CASE_ARG) if callspec else None
+        if case is not None:
+            report.user_properties.append((CELL_PROPERTY, case.cell.id))
         vm = getattr(item, "funcargs", {}).get("router")
         if vm is None or not report.failed or report.when not in ("setup", "call"):
             return

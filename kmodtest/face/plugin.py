@@ -72,7 +72,7 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
         icount=settings.icount,
         refresh_images=settings.refresh_images,
     )
-    pool.overlay = patching.overlay_builder(config, cache, quiet)  # --module-patch
+    pool.overlay = patching.overlay_builder(config, cache, quiet, log_root)  # --module-patch
     session = KmodtestSession(
         matrix, cells, bool(kernel_opt), cache, pool, log_root, settings.keep_logs
     )
