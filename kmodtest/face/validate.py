@@ -9,6 +9,8 @@ first failure, naming modules that failed to load with the kernel's own message.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.table import Table
 
 from kmodtest.errors import ConfigError, KmodtestError
 from kmodtest.face import options
-from kmodtest.face.patching import LOAD_FAILURE_PROPERTY
+from kmodtest.face.patching import CASE_ARG, CELL_PROPERTY, LOAD_FAILURE_PROPERTY
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, load_matrix
 from kmodtest.prepare.images import ImageBuilder
@@ -31,7 +33,6 @@ from kmodtest.progress import Progress
 console = Console()
 # the verdict is read in CI logs and pipes too, where rich would assume 80 columns
 wide = console if console.is_terminal else Console(width=160)
-CASE_ARG = "vm_case"
 QUICK_TESTS = ("vmtests/test_flowtable.py", "vmtests/test_offload.py")
 QUICK_NIC = "virtio-net-pci"
 # the flowtable tests, and two offload cases (TCP/IPv4 routed, UDP/IPv6 masqueraded) of the 8
@@ -79,6 +80,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("--timings", action="store_true", help="print where the time went")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="pytest-xdist workers for the VM suite (default: 2, each VM case on one worker)",
+    )
+    p.add_argument("--json", type=Path, help="also write the verdicts to this file, as JSON")
     options.add_to_argparse(p, ["log_dir", *options.DIRS])
     p.add_argument("--pytest-arg", action="append", default=[], help="passed on to pytest")
     p.set_defaults(func=run_validate)
@@ -100,12 +108,13 @@ class _Collector:
                 self.cell_of[item.nodeid] = case.cell.id
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        cell = self.cell_of.get(report.nodeid)
-        if cell is None or cell not in self.verdicts:
+        # under xdist, collection happens on the workers: the report names its cell itself
+        props = dict(report.user_properties)
+        cell = str(props.get(CELL_PROPERTY) or self.cell_of.get(report.nodeid))
+        if cell not in self.verdicts:
             return
         v = self.verdicts[cell]
         v.test_seconds += report.duration
-        props = dict(report.user_properties)
         v.kernel = str(props.get("kernel_release", v.kernel))
         if report.failed:
             if self.outcome.get(report.nodeid) != "failed":
@@ -185,7 +194,9 @@ def run_validate(args: argparse.Namespace) -> int:
     cache = Cache(settings.image_cache)
     progress = Progress()
     builder = ImageBuilder(cache, settings.images_dir, progress)
-    overlay = OverlayBuilder(cache, change, progress)
+    # failed builds' logs: the workspaces are temporary, the run's log directory is not
+    build_logs = settings.log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-validate"
+    overlay = OverlayBuilder(cache, change, progress, log_dir=build_logs)
     verdicts = {c.id: CellVerdict(c.id) for c in cells}
     runnable = [c for c in cells if _prebuild(c, builder, overlay, verdicts[c.id])]
     built_at = time.monotonic()
@@ -198,6 +209,7 @@ def run_validate(args: argparse.Namespace) -> int:
             *([f"--module-src={change.source_tree}"] if change.source_tree else []),
             *([] if change.patch or change.source_tree else ["--module-rebuild"]),
             *(["-k", args.keyword] if args.keyword else []),
+            *_xdist_args(args.workers),
             "-p",
             "no:cacheprovider",
             *args.pytest_arg,
@@ -209,9 +221,34 @@ def run_validate(args: argparse.Namespace) -> int:
             v.problem = "no test ran (see the pytest output above)"
     total = time.monotonic() - start
     print_verdicts(change, list(verdicts.values()))
+    if args.json:
+        write_json(args.json, change, list(verdicts.values()), total)
     if args.timings:
         print_timings(list(verdicts.values()), built_at - start, total)
-    return 0 if all(v.ok or v.verdict == "SKIP" for v in verdicts.values()) else 1
+    return exit_code(list(verdicts.values()))
+
+
+def write_json(path: Path, change: ModuleChange, verdicts: list[CellVerdict], total: float) -> None:
+    cells = [{"cell": v.cell, "kernel": v.kernel, "verdict": v.verdict, "passed": v.passed,
+              "failed": v.failed, "skipped": v.skipped, "first_failure": v.first_failure,
+              "load_failure": v.load_failure, "problem": v.problem, "fix": v.fix,
+              "cross_built": bool(v.timings and v.timings.cross)}
+             for v in verdicts]  # fmt: skip
+    blob = {"change": change.label, "seconds": round(total, 1), "cells": cells}
+    path.write_text(json.dumps(blob, indent=2) + "\n")
+
+
+def exit_code(verdicts: list[CellVerdict]) -> int:
+    """0 when every cell that ran passed and at least one ran; a table of SKIPs proves nothing."""
+    if not any(v.verdict != "SKIP" for v in verdicts):
+        wide.print("[red]kmodtest validate: no cell ran (every cell was skipped)[/]")
+        return 1
+    return 0 if all(v.ok or v.verdict == "SKIP" for v in verdicts) else 1
+
+
+def _xdist_args(workers: int) -> list[str]:
+    """``-n N``: the plugin's scheduler keeps each VM case (cell, NIC) on one worker."""
+    return ["-n", str(workers)] if workers > 1 else []
 
 
 def print_verdicts(change: ModuleChange, verdicts: list[CellVerdict]) -> None:
