@@ -118,7 +118,7 @@ class OverlayBuilder:
 
     def get(self, cell: Cell, base: Image) -> Image:
         if why := cross_build_skip(cell):
-            raise ConfigError(f"cell {cell.id}: {why}", "select a cell of the host's arch")
+            raise ConfigError(f"cell {cell.id}: {why}", "add the arch's kbuild.triplet")
         t = self.timings[cell.id] = OverlayTimings(cross=cell.arch.debian != host_debian_arch())
         kernel = kernel_packages(cell, base)
         start = time.monotonic()
