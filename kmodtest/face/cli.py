@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kmodtest.errors import KmodtestError
-from kmodtest.face import kernelcmd, options, validate
+from kmodtest.face import kernelcmd, mutate, options, validate
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix, load_matrix
 from kmodtest.prepare.images import ImageBuilder
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     validate.add_parser(sub)
+    mutate.add_parser(sub)
     kernelcmd.add_parser(sub)
     return parser
 
