@@ -10,7 +10,14 @@ from rich.console import Console
 from kmodtest.errors import ConfigError
 from kmodtest.face import options
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.kernelbuild import build_kernel, debian_source_tree
+from kmodtest.prepare.kernelbuild import (
+    build_kernel,
+    cached_kernel,
+    debian_source_tree,
+    place,
+    rebuild_modules,
+)
+from kmodtest.prepare.modchange import ModuleChange
 from kmodtest.progress import Progress
 
 console = Console()
@@ -30,6 +37,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--refresh", action="store_true", help="--debian-source: resolve the suite's version again"
     )
     b.add_argument("--jobs", type=int, default=None, help="make -j (default: min(2, cores))")
+    b.add_argument(
+        "--debug",
+        action="store_true",
+        help="add KASAN, lockdep, DEBUG_ATOMIC_SLEEP, DEBUG_NET, KMEMLEAK and DEBUG_LIST",
+    )
+    b.add_argument(
+        "--module-patch",
+        type=Path,
+        default=None,
+        help="--debian-source only: then rebuild the flowtable modules with this patch",
+    )
     options.add_to_argparse(b, ["image_cache"])
     b.set_defaults(func=cmd_kernel_build)
 
@@ -37,15 +55,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_kernel_build(args: argparse.Namespace) -> int:
     cache = Cache(options.Settings.from_args(args).image_cache)
     progress = Progress()
+    out = args.out.absolute()
     if args.debian_source:
         source = debian_source_tree(cache, args.debian_source, progress, args.refresh)
+        built = cached_kernel(cache, source, args.arch, args.suite, progress, args.jobs, args.debug)
+        if args.module_patch:
+            change = ModuleChange(patch=args.module_patch.absolute())
+            rebuild_modules(cache, built, change, out / "modules", progress)
+            result = place(built, out, out / "modules")
+        else:
+            result = place(built, out)
     else:
+        if args.module_patch:
+            raise ConfigError(
+                "--module-patch needs --debian-source (a cached build keeps its build tree)",
+                "apply the patch to your tree and build it again",
+            )
         source = args.source.absolute()
         if not source.is_dir():
             raise ConfigError(f"{source} does not exist", "pass a Linux source tree")
-    result = build_kernel(
-        cache, source, args.out.absolute(), args.arch, args.suite, progress, args.jobs
-    )
+        result = build_kernel(
+            cache, source, out, args.arch, args.suite, progress, args.jobs, args.debug
+        )
     for line in result.unmet:
         console.print(f"[yellow]config: fragment not honoured: {line}[/]", highlight=False)
     for step, seconds in result.seconds.items():

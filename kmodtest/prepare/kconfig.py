@@ -10,6 +10,8 @@ and ``modprobe`` in the guest work as on a distribution kernel.
 
 from __future__ import annotations
 
+import re
+
 from kmodtest.arches import get_arch
 from kmodtest.nics import NICS
 
@@ -88,14 +90,45 @@ CONFIG_NFT_FLOW_OFFLOAD=m
 """
 
 
-def fragment(arch: str) -> str:
-    """The common lines, every NIC model's driver, and the arch's own (its record in arches)."""
+# The debug-kernel cell (``kmodtest kernel build --debug``): the checkers that make memory and
+# locking bugs print what the health scan reads. KASAN (use after free, out of bounds: "BUG:
+# KASAN"), lockdep ("WARNING: possible circular locking dependency", "WARNING: suspicious RCU
+# usage"), DEBUG_ATOMIC_SLEEP ("BUG: sleeping function called from invalid context"),
+# DEBUG_NET (DEBUG_NET_WARN_ON_ONCE in the network stack), KMEMLEAK ("suspected memory leaks",
+# scanned after each test, never on its own timer) and DEBUG_LIST (list corruption).
+# KASAN needs the full SLUB allocator, which tinyconfig swaps for SLUB_TINY on 6.x.
+DEBUG = (
+    "CONFIG_DEBUG_KERNEL=y",
+    "CONFIG_KALLSYMS=y",
+    "CONFIG_STACKTRACE=y",
+    "CONFIG_SLUB=y",
+    "# CONFIG_SLUB_TINY is not set",
+    "CONFIG_KASAN=y",
+    "CONFIG_KASAN_GENERIC=y",
+    "CONFIG_KASAN_INLINE=y",
+    "CONFIG_PROVE_LOCKING=y",
+    "CONFIG_DEBUG_ATOMIC_SLEEP=y",
+    "CONFIG_DEBUG_NET=y",
+    "CONFIG_DEBUG_KMEMLEAK=y",
+    "# CONFIG_DEBUG_KMEMLEAK_AUTO_SCAN is not set",
+    "# CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF is not set",
+    "CONFIG_DEBUG_LIST=y",
+)
+
+
+def fragment(arch: str, debug: bool = False) -> str:
+    """The common lines, every NIC model's driver, and the arch's own (its record in arches);
+    with ``debug``, the debug cell's checkers."""
     lines = [
         *COMMON.split(),
         *(line for nic in NICS.values() for line in nic.kconfig),
         *get_arch(arch).kbuild.kconfig,
+        *(DEBUG if debug else ()),
     ]
     return "\n".join(dict.fromkeys(lines)) + "\n"
+
+
+_NOT_SET = re.compile(r"^# (CONFIG_\w+) is not set$")
 
 
 def unmet(fragment_text: str, config_text: str) -> list[str]:
@@ -107,6 +140,10 @@ def unmet(fragment_text: str, config_text: str) -> list[str]:
             have[name] = value
     out = []
     for line in fragment_text.splitlines():
+        if m := _NOT_SET.match(line):
+            if have.get(m[1], "n") != "n":
+                out.append(f"{m[1]} is not set (got {have[m[1]]})")
+            continue
         if not line.startswith("CONFIG_"):
             continue
         name, value = line.split("=", 1)

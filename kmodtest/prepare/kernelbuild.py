@@ -1,30 +1,45 @@
 """``kmodtest kernel build``: a minimal kernel for this suite from a Linux tree or Debian's sources.
 
-``tinyconfig`` plus :mod:`kmodtest.prepare.kconfig`'s fragment, compiled in a chroot of a Debian
-suite's toolchain (gcc, flex, bison, libelf ...; the host needs none of it), then
-``modules_install`` into ``OUT/modules``. The result boots with
+``tinyconfig`` plus :mod:`kmodtest.prepare.kconfig`'s fragment (with ``--debug``, its checkers
+too), compiled in a chroot of a Debian suite's toolchain (gcc, flex, bison, libelf ...; the
+host needs none of it), then ``modules_install`` into ``OUT/modules``. The result boots with
 ``pytest vmtests/ --kernel-image OUT/<image> --modules OUT/modules``.
+
+A build of Debian's ``linux-source`` is cached (``kernel-builds/<key>``, key: the tree, arch,
+suite, fragment and the code that builds it) with its build tree minus the object files, so
+the flowtable modules can be rebuilt against it with a patch in about a minute: the module
+loop's own ``prepare`` and ``build_modules``, with the kept build tree as the headers.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest import processes
 from kmodtest.arches import get_arch, host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
+from kmodtest.prepare import kbuild, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kbuild import MAX_JOBS
 from kmodtest.prepare.kconfig import fragment, unmet
 from kmodtest.prepare.keys import artifact_key, read_index, write_index
-from kmodtest.prepare.toolchain import KernelPackages, fetch_packages, get_chroot, run_in_chroot
+from kmodtest.prepare.modchange import ModuleChange, prepare
+from kmodtest.prepare.toolchain import (
+    KernelPackages,
+    Toolchain,
+    fetch_packages,
+    get_chroot,
+    run_in_chroot,
+)
 from kmodtest.progress import Progress
 
 KERNEL_TOOLS = (
@@ -35,6 +50,10 @@ KERNEL_TOOLS = (
 SRC = "/src"
 # the code that fetches and unpacks a Debian kernel tree: its key covers it
 TREE_CODE = (__name__, "kmodtest.prepare.toolchain", "kmodtest.prepare.debian")
+OBJ = "/build/obj"  # where the build tree is in the chroot: kbuild records this path in it
+KERNEL_BUILD_LAYOUT = 1
+# what external module builds do not need from a finished build tree (~90 % of its size)
+_OBJ_WASTE = ("*.o", "*.ko", "*.a", "vmlinux", ".tmp_vmlinux*", "*.mod.c")
 
 
 @dataclass
@@ -44,6 +63,10 @@ class KernelBuild:
     release: str
     seconds: dict[str, float] = field(default_factory=dict)
     unmet: list[str] = field(default_factory=list)
+    debug: bool = False
+    obj: Path | None = None  # the kept build tree (cached builds only)
+    source: Path | None = None
+    suite: str = "trixie"
 
 
 def _suite_only(suite: str) -> KernelPackages:
@@ -100,6 +123,7 @@ def build_kernel(
     suite: str,
     progress: Progress,
     jobs: int | None = None,
+    debug: bool = False,
 ) -> KernelBuild:
     k = get_arch(arch).kbuild
     if not (source / "Makefile").is_file() or not (source / "Kconfig").is_file():
@@ -113,10 +137,7 @@ def build_kernel(
     timings: dict[str, float] = {}
     start = time.monotonic()
     tools = [*KERNEL_TOOLS, *([k.cross_package] if k.cross_package else [])]
-    chroot = get_chroot(
-        cache, _suite_only(suite), tools,
-        f"kernel build chroot ({suite})", progress,
-    )  # fmt: skip
+    chroot = _chroot(cache, suite, tools, progress)
     timings["toolchain chroot"] = time.monotonic() - start
     out.mkdir(parents=True, exist_ok=True)
     obj = out / "obj"
@@ -138,7 +159,7 @@ def build_kernel(
             raise BuildError(f"kernel build step {title!r} failed (exit {rc}):\n{tail}",
                              f"full log: {log}")  # fmt: skip
 
-    frag = fragment(arch)
+    frag = fragment(arch, debug)
     (out / "kmodtest.config").write_text(frag)
     run("tinyconfig", [*make, "tinyconfig"])
     with open(obj / ".config", "a") as config:
@@ -154,6 +175,135 @@ def build_kernel(
     image = out / k.image
     shutil.copy2(obj / "arch" / k.karch / "boot" / k.image, image)
     meta = {"release": release, "arch": arch, "suite": suite, "source": str(source),
+            "image": k.image, "debug": debug,
             "seconds": {n: round(s, 1) for n, s in timings.items()}, "unmet": missing}  # fmt: skip
     (out / "kernel.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return KernelBuild(image, modules, release, timings, missing)
+    return KernelBuild(image, modules, release, timings, missing, debug, obj, source, suite)
+
+
+def _chroot(cache: Cache, suite: str, tools: Sequence[str], progress: Progress) -> Path:
+    title = f"kernel build chroot ({suite})"
+    return get_chroot(cache, _suite_only(suite), list(tools), title, progress)
+
+
+def _tree_identity(source: Path) -> dict[str, str]:
+    """What names a tree: its sources.json (a Debian tree: package versions), else its path."""
+    meta = source.parent / "sources.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {"path": str(source.absolute())}
+
+
+def _kernel_key(source: Path, arch: str, suite: str, debug: bool) -> str:
+    inputs = {"layout": KERNEL_BUILD_LAYOUT, "tree": _tree_identity(source), "arch": arch,
+              "suite": suite, "fragment": fragment(arch, debug), "tools": KERNEL_TOOLS,
+              "trim": _OBJ_WASTE, "build_kernel": inspect.getsource(build_kernel)}  # fmt: skip
+    # the kernel build's code, not all of this module: rebuild_modules may change without
+    # invalidating a 40-minute kernel build
+    return artifact_key(inputs, ("kmodtest.prepare.kconfig", "kmodtest.arches", "kmodtest.nics"))
+
+
+def cached_kernel(
+    cache: Cache,
+    source: Path,
+    arch: str,
+    suite: str,
+    progress: Progress,
+    jobs: int | None = None,
+    debug: bool = False,
+) -> KernelBuild:
+    """``build_kernel`` once per (tree, arch, suite, fragment, code), with its build tree."""
+
+    def build(out: Path) -> None:
+        result = build_kernel(cache, source, out, arch, suite, progress, jobs, debug)
+        with progress.step("kernel build: trimming the build tree for module builds"):
+            for pattern in _OBJ_WASTE:
+                for path in (out / "obj").rglob(pattern):
+                    if path.is_file() or path.is_symlink():
+                        path.unlink()
+        (out / "obj" / ".kmodtest-trimmed").write_text(result.release + "\n")
+
+    path = cache.get_or_build("kernel-builds", _kernel_key(source, arch, suite, debug), build)
+    return _cached(path, source, suite)
+
+
+def lookup_kernel(
+    cache: Cache, source: Path, arch: str, suite: str, debug: bool = False
+) -> KernelBuild | None:
+    """The cached build :func:`cached_kernel` would return, or None (never builds)."""
+    path = cache.path("kernel-builds", _kernel_key(source, arch, suite, debug))
+    return _cached(path, source, suite) if (path / "kernel.json").is_file() else None
+
+
+def _cached(path: Path, source: Path, suite: str) -> KernelBuild:
+    meta = json.loads((path / "kernel.json").read_text())
+    return KernelBuild(
+        path / meta["image"], path / "modules", meta["release"], meta["seconds"], meta["unmet"],
+        meta["debug"], path / "obj", source, suite,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuildTreeToolchain(Toolchain):
+    """The module loop's toolchain for a kernel ``kmodtest kernel build`` compiled: the same
+    chroot and compiler, the kept build tree as the headers, the source tree at /src."""
+
+    source: Path = Path()
+    obj: Path = Path()
+
+    @property
+    def headers_dir(self) -> str:
+        return OBJ
+
+    def run(
+        self, argv: Sequence[str], bind: Path, log_path: Path, progress: Progress | None = None
+    ) -> int:
+        binds = [(self.source.absolute(), SRC), (self.obj.absolute(), OBJ)]
+        return run_in_chroot(self.root, argv, bind, log_path, progress, binds)
+
+
+def rebuild_modules(
+    cache: Cache, kernel: KernelBuild, change: ModuleChange, out: Path, progress: Progress
+) -> Path:
+    """``kernel``'s modules tree with the flowtable modules rebuilt with ``change``, in
+    ``out`` (unchanged files are hard links into the cache); returns ``out``."""
+    if kernel.obj is None or kernel.source is None:
+        raise ConfigError("only a cached kernel build (--debian-source) keeps its build tree")
+    root = _chroot(cache, kernel.suite, KERNEL_TOOLS, progress)
+    toolchain = BuildTreeToolchain(root, kernel.release, "gcc", kernel.source, kernel.obj)
+    work = cache.root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work, prefix="kernel-modules-") as tmp:
+        ws = prepare(change, kernel.source, Path(tmp) / "ws")
+        with progress.step(f"modules for {kernel.release} ({change.label})"):
+            built = kbuild.build_modules(toolchain, ws, progress)
+            strip = ["strip", "--strip-debug"]
+            strip += [f"/build/{p.relative_to(ws.root)}" for p in built.modules.values()]
+            if toolchain.run(strip, ws.root, built.log) != 0:
+                raise BuildError("strip failed on the built modules", f"see {built.log}")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(kernel.modules, out, copy_function=os.link)
+        moddir = out / "lib" / "modules" / kernel.release
+        existing = {p.stem: p for p in moddir.rglob("*.ko")}
+        for name, ko in built.modules.items():
+            target = existing.get(name) or moddir / "kernel" / "net" / "netfilter" / f"{name}.ko"
+            target.unlink(missing_ok=True)  # a hard link into the cache: never write through it
+            shutil.copyfile(ko, target)
+        for index in moddir.glob("modules.*"):
+            index.unlink()  # hard links too: depmod writes them anew
+        modules.depmod(out, kernel.release)
+    return out
+
+
+def place(kernel: KernelBuild, out: Path, modules_tree: Path | None = None) -> KernelBuild:
+    """Put a cached build's image and modules (or ``modules_tree``) in ``out``, as hard links."""
+    out.mkdir(parents=True, exist_ok=True)
+    image = out / kernel.image.name
+    image.unlink(missing_ok=True)
+    os.link(kernel.image, image)
+    mods = out / "modules"
+    if modules_tree is None:
+        shutil.rmtree(mods, ignore_errors=True)
+        shutil.copytree(kernel.modules, mods, copy_function=os.link)
+    elif modules_tree != mods:
+        raise ValueError("rebuild the modules into OUT/modules")
+    return KernelBuild(image, mods, kernel.release, kernel.seconds, kernel.unmet, kernel.debug,
+                       kernel.obj, kernel.source, kernel.suite)  # fmt: skip
