@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ PATTERNS = (
     "KASAN",
     "UBSAN",
     "Call Trace:",
+    "suspected memory leak",  # kmemleak (see Kmemleak: its scan is read, not the console)
 )
 _BAD = re.compile("|".join(re.escape(p) for p in PATTERNS))
 
@@ -68,3 +70,38 @@ def tail(path: Path, lines: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no console log)"
+
+
+KMEMLEAK = "/sys/kernel/debug/kmemleak"
+_KMEMLEAK_SCAN = (
+    f"[ -e {KMEMLEAK} ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null; "
+    f"[ -w {KMEMLEAK} ] || exit 3; echo scan > {KMEMLEAK}; cat {KMEMLEAK}"
+)
+
+
+class Kmemleak:
+    """kmemleak on kernels that have it (the debug cell): scanned after every test.
+
+    kmemleak prints its findings at KERN_INFO, below the console's loglevel, so the report is
+    read from debugfs and then cleared. An object is reported once it is 5 s old and was
+    unchanged since the previous scan: a leak shows up at the first scan that satisfies both,
+    the leaking test's own if it ran long enough after the allocation, else a following one.
+    """
+
+    def __init__(self, run: Callable[[str], tuple[int, str]]) -> None:
+        self.run = run  # guest command -> (exit status, stdout)
+        self.available: bool | None = None
+
+    def settle(self) -> None:
+        """Forget what boot left (early allocations kmemleak cannot follow)."""
+        status, _ = self.run(f"{_KMEMLEAK_SCAN} >/dev/null && echo clear > {KMEMLEAK}")
+        self.available = status == 0
+
+    def check(self) -> HealthProblem | None:
+        if not self.available:
+            return None
+        status, report = self.run(_KMEMLEAK_SCAN)
+        if status != 0 or not report.strip():
+            return None
+        self.run(f"echo clear > {KMEMLEAK}")
+        return HealthProblem("suspected memory leak", report.strip()[:4000])
