@@ -19,7 +19,7 @@ import testinfra.host
 from kmodtest.errors import ChannelError, MachineError
 from kmodtest.guest.backend import make_host
 from kmodtest.guest.channel import AgentChannel, Reply, UnixSocketTransport
-from kmodtest.guest.health import ConsoleWatch, HealthProblem, tail
+from kmodtest.guest.health import ConsoleWatch, HealthProblem, Kmemleak, tail
 from kmodtest.guest.topology import Topology
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import Image
@@ -56,6 +56,7 @@ class RouterVM:
     channel: AgentChannel | None = None
     host: testinfra.host.Host | None = None
     watch: ConsoleWatch | None = None
+    kmemleak: Kmemleak | None = None
     boot_seconds: float = 0.0
     tainted: str | None = None  # why this VM must not be reused
 
@@ -115,6 +116,8 @@ class RouterVM:
             self.boot_seconds = time.monotonic() - start
             self.host = make_host(self.channel, self.spec.name)
             self.check(self.topology.setup_script(), timeout=60)
+            self.kmemleak = Kmemleak(self._status_and_output)
+            self.kmemleak.settle()
         except (ChannelError, MachineError) as exc:
             why = self._death_note()
             self.stop()
@@ -171,12 +174,18 @@ class RouterVM:
         """Between tests: flush ruleset and conntrack, restore links, addresses and routes."""
         self.check(self.topology.reset_script(), timeout=60)
 
+    def _status_and_output(self, command: str) -> tuple[int, str]:
+        reply = self.run(command, timeout=120)
+        return reply.exit_status, reply.stdout.decode(errors="replace")
+
     def health(self) -> HealthProblem | None:
         if self.watch is None:
             return None
         problem = self.watch.scan()
         if problem is None and not self.alive:
             return HealthProblem("QEMU exited", tail(self.console_log))
+        if problem is None and self.kmemleak is not None:
+            problem = self.kmemleak.check()
         return problem
 
     def kernel_release(self) -> str:
