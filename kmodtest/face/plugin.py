@@ -86,6 +86,11 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
             continue
+        if why := patching.unbuilt_local_kernel(cell):  # the debug cell before its build
+            if session.explicit and kernel_opt != "all":
+                raise KmodtestError(f"cell {cell.id}: {why}")
+            session.skips[cell.id] = why
+            continue
         for nic in cell.spec.nics:
             if why := missing_nic(cell.arch.qemu_binary, nic):
                 session.nic_skips[(cell.id, nic)] = why
