@@ -75,7 +75,8 @@ def tail(path: Path, lines: int = 25) -> str:
 KMEMLEAK = "/sys/kernel/debug/kmemleak"
 _KMEMLEAK_SCAN = (
     f"[ -e {KMEMLEAK} ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null; "
-    f"[ -w {KMEMLEAK} ] || exit 3; echo scan > {KMEMLEAK}; cat {KMEMLEAK}"
+    f"[ -w {KMEMLEAK} ] || exit 3; echo scan > {KMEMLEAK}; echo scan > {KMEMLEAK}; "
+    f"cat {KMEMLEAK}"
 )
 
 
@@ -84,8 +85,8 @@ class Kmemleak:
 
     kmemleak prints its findings at KERN_INFO, below the console's loglevel, so the report is
     read from debugfs and then cleared. An object is reported once it is 5 s old and was
-    unchanged since the previous scan: a leak shows up at the first scan that satisfies both,
-    the leaking test's own if it ran long enough after the allocation, else a following one.
+    unchanged since the previous scan, hence two scans: a leak shows up after the leaking
+    test if it ran 5 s past the allocation, else after a following one.
     """
 
     def __init__(self, run: Callable[[str], tuple[int, str]]) -> None:
