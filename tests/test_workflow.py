@@ -15,15 +15,34 @@ from kmodtest.face.cli import main as kmodtest_main
 from kmodtest.prepare.cells import load_matrix
 
 WORKFLOW = ".github/workflows/vmtests.yml"
+NIGHTLY = ".github/workflows/nightly.yml"
 
 
-def test_actionlint_passes(repo):
+@pytest.mark.parametrize("workflow", [WORKFLOW, NIGHTLY])
+def test_actionlint_passes(repo, workflow):
     venv_bin = str(Path(sys.executable).parent)
     actionlint = shutil.which("actionlint", path=venv_bin) or shutil.which("actionlint")
     if actionlint is None:
         pytest.skip("actionlint is not installed (pip install -e '.[dev]' brings it)")
-    result = subprocess.run([actionlint, WORKFLOW], cwd=repo, capture_output=True, text=True)
+    result = subprocess.run([actionlint, workflow], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nightly_mutates_the_61_and_612_amd64_cells_and_runs_the_debug_cell(repo):
+    workflow = yaml.safe_load((repo / NIGHTLY).read_text())
+    assert "schedule" in workflow[True]  # PyYAML reads the key `on` as True
+    jobs = workflow["jobs"]
+    assert jobs["mutate"]["strategy"]["matrix"]["cell"] == [
+        "debian-bookworm-amd64",
+        "debian-trixie-amd64",
+    ]
+    known = load_matrix(repo / "kernels").ids()
+    assert "debug-trixie-amd64" in known
+    mutate = " ".join(step.get("run", "") for step in jobs["mutate"]["steps"])
+    assert 'kmodtest mutate --kernel "$CELL"' in mutate and "--min-score" in mutate
+    debug = " ".join(step.get("run", "") for step in jobs["debug-cell"]["steps"])
+    assert "kernel build --debian-source trixie --debug" in debug
+    assert "--kernel debug-trixie-amd64" in debug and "tests/test_debug_cell.py" in debug
 
 
 def test_matrix_json_lists_every_cell_with_the_fields_the_workflow_uses(repo, capsys):
