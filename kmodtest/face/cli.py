@@ -13,7 +13,7 @@ from rich.table import Table
 from kmodtest.errors import KmodtestError
 from kmodtest.face import kernelcmd, mutate, options, validate
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import Cell, Matrix, load_matrix
+from kmodtest.prepare.cells import Cell, Matrix, load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.progress import Progress
 
@@ -42,7 +42,7 @@ def cmd_cells(args: argparse.Namespace) -> int:
     table = Table("cell", "arch", "source", "NICs", "default", "ci", "cached kernel")
     for cell in cells:
         src = cell.spec.source
-        image = builder.cached(cell)
+        image = None if unbuilt_local_kernel(cell) else builder.cached(cell)
         table.add_row(
             cell.id,
             cell.arch.name,

@@ -104,18 +104,6 @@ def overlay_skips(cells: list[Cell], skips: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def unbuilt_local_kernel(cell: Cell) -> str | None:
-    """Why a ``kind: local`` cell cannot boot yet (its kernel is not built), else None."""
-    src = cell.spec.source
-    if not isinstance(src, LocalSource) or src.kernel_image.expanduser().is_file():
-        return None
-    return (
-        f"its kernel {src.kernel_image} is not built yet; fix: the command in "
-        f"{cell.origin.name} (e.g. kmodtest kernel build --debian-source trixie --debug "
-        f"--out {src.kernel_image.parent})"
-    )
-
-
 def adhoc_cells(config: pytest.Config) -> list[Cell] | None:
     """The ``--kernel-image``/``--modules`` cell, or None when those options are absent."""
     image, mods = config.getoption("kernel_image"), config.getoption("modules")

@@ -28,7 +28,7 @@ from kmodtest.face.session import (
 )
 from kmodtest.guest.health import tail
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import load_matrix
+from kmodtest.prepare.cells import load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.recipes import load_recipe
 from kmodtest.progress import Progress
@@ -86,7 +86,7 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
             continue
-        if why := patching.unbuilt_local_kernel(cell):  # the debug cell before its build
+        if why := unbuilt_local_kernel(cell):  # the debug cell before its build
             if session.explicit and kernel_opt != "all":
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.cells import Cell, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
 
 NOT_ENTRIES = {"locks"}  # lock files are tiny and may be held by a running build
@@ -62,6 +62,8 @@ def live_paths(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> set[Pat
     builder = ImageBuilder(cache, images_dir)
     live: set[Path] = set()
     for cell in cells:
+        if unbuilt_local_kernel(cell):  # nothing was built from a kernel that does not exist
+            continue
         if found := builder.indexed(cell):
             live.update(found)
     return live

@@ -157,6 +157,18 @@ class Matrix:
         return chosen
 
 
+def unbuilt_local_kernel(cell: Cell) -> str | None:
+    """Why a ``kind: local`` cell cannot boot yet (its kernel is not built), else None."""
+    src = cell.spec.source
+    if not isinstance(src, LocalSource) or src.kernel_image.expanduser().is_file():
+        return None
+    return (
+        f"its kernel {src.kernel_image} is not built yet; fix: the command in "
+        f"{cell.origin.name} (e.g. kmodtest kernel build --debian-source trixie --debug "
+        f"--out {src.kernel_image.parent})"
+    )
+
+
 def load_matrix(directory: Path) -> Matrix:
     """Load and cross-check every ``*.yaml`` in ``directory``."""
     files = sorted(directory.glob("*.yaml"))
