@@ -121,9 +121,6 @@ def suite_digest(root: Path) -> str:
 @dataclass
 class Timings:
     control: float = 0.0
-    builds: float = 0.0
-    suites: float = 0.0
-    boots: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +140,7 @@ class CellRun:
     order: Path | None = None
     deadline: float | None = None
     timings: Timings = field(default_factory=Timings)
+    build_seconds: dict[str, float] = field(default_factory=dict)  # mutant id -> screening
 
     def key(self, what: str) -> str:
         blob = {"layout": MUTATION_LAYOUT, "base": self.base.path.name,
@@ -207,12 +205,12 @@ def screen(run: CellRun, m: Mutant) -> MutantResult | None:
         return result
     digests = code_digests(run.toolchain, image, run.base, run.cache.root / "work")
     seconds = time.monotonic() - start
-    run.timings.builds += seconds
     if digests == run.baseline:
         same = "the rebuilt modules' object code is the unmutated one's"
         result = _result(run, m, "same-code", build_seconds=seconds, message=same)
         _store(run, m, result, None)
         return result
+    run.build_seconds[m.id] = seconds
     return None
 
 
@@ -224,7 +222,6 @@ def execute(run: CellRun, m: Mutant) -> MutantResult:
     patch = run.patch_file(m).absolute()
     outcome = run_suite(run.selection, [f"--module-patch={patch}"], work, run.deadline,
                         run.order, cwd=Path.cwd())  # fmt: skip
-    run.timings.suites += outcome.seconds
     status = {"passed": "survived", "failed": "killed"}.get(outcome.status, outcome.status)
     if status == "error":
         raise KmodtestError(
@@ -232,7 +229,8 @@ def execute(run: CellRun, m: Mutant) -> MutantResult:
             f"see {work / 'pytest.log'}; fix the cause and run again (verdicts so far are kept)",
         )
     result = _result(run, m, status, killer=outcome.first_failure, message=outcome.message,
-                     suite_seconds=outcome.seconds)  # fmt: skip
+                     suite_seconds=outcome.seconds, boot_seconds=sum(outcome.boots),
+                     build_seconds=run.build_seconds.get(m.id, 0.0))  # fmt: skip
     _store(run, m, result, work)
     return result
 
@@ -405,13 +403,27 @@ def mutate_cell(args: argparse.Namespace, cell: Cell, cache: Cache) -> CellRepor
         report.mutants.append(results[c.id] if isinstance(c, Mutant) else c)
     report.mutants.sort(key=lambda r: (r.file, r.line, r.id))
     if args.timings:
-        console.print(
-            f"{cell.id}: control {run.timings.control:.0f} s, builds+screening "
-            f"{run.timings.builds:.0f} s, suite runs {run.timings.suites:.0f} s (sum over "
-            f"mutants run now; cached verdicts cost nothing)",
-            highlight=False,
-        )
+        print_timings(report, run.timings.control)
     return report
+
+
+def print_timings(report: CellReport, control_seconds: float) -> None:
+    """Where a mutant's time goes (verdicts from the cache included: they carry theirs)."""
+    ran = [m for m in report.mutants if m.suite_seconds]
+    built = [m for m in report.mutants if m.build_seconds]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    console.print(
+        f"{report.cell}: control runs {control_seconds:.0f} s; per mutant: build + object-code "
+        f"check {mean([m.build_seconds for m in built]):.1f} s ({len(built)} built), suite "
+        f"{mean([m.suite_seconds for m in ran]):.1f} s of which VM boot "
+        f"{mean([m.boot_seconds for m in ran]):.1f} s ({len(ran)} run; survivors "
+        f"{mean([m.suite_seconds for m in ran if m.status == 'survived']):.0f} s, killed "
+        f"{mean([m.suite_seconds for m in ran if m.status != 'survived']):.0f} s)",
+        highlight=False,
+    )
 
 
 def run_mutate(args: argparse.Namespace) -> int:

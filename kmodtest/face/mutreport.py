@@ -42,6 +42,7 @@ class MutantResult:
     diff: str = ""
     build_seconds: float = 0.0
     suite_seconds: float = 0.0
+    boot_seconds: float = 0.0
     why_equivalent: str = ""
     original: str = ""
     replacement: str = ""

@@ -10,6 +10,7 @@ problem (the plugin's health scan) or the VM died, which a mutation report shows
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ CRASH_MARKERS = (
     "QEMU exited",
     "channel closed",
 )
+# the plugin's summary line per boot: "<vm>: kernel <release>, tcg, up in 6.5 s"
+_BOOTED = re.compile(r", up in ([0-9.]+) s$", re.M)
 # pytest exit codes: 0 all passed, 1 some failed; 2-5 mean the run itself went wrong
 PYTEST_OK = (0, 1)
 
@@ -59,6 +62,7 @@ class SuiteOutcome:
     message: str = ""
     durations: dict[str, float] = field(default_factory=dict)  # node id -> seconds
     exit_code: int | None = None
+    boots: list[float] = field(default_factory=list)  # seconds to the first command, per boot
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -126,12 +130,14 @@ def run_suite(
     seconds = time.monotonic() - start
     outcome = read_junit(out / "junit.xml", seconds)
     outcome.exit_code = code
+    log_text = (out / "pytest.log").read_text(errors="replace")
+    outcome.boots = [float(m) for m in _BOOTED.findall(log_text)]
     if timed_out:
         outcome.status = "timeout"
         outcome.message = f"no verdict after {timeout:.0f} s; stopped"
     elif code not in PYTEST_OK or (outcome.passed + outcome.failed == 0):
         outcome.status = "error"
-        tail = (out / "pytest.log").read_text(errors="replace").splitlines()[-15:]
+        tail = log_text.splitlines()[-15:]
         outcome.message = f"pytest exited {code}:\n" + "\n".join(tail)
     return outcome
 
