@@ -180,11 +180,17 @@ def _load_cached(run: CellRun, m: Mutant) -> MutantResult | None:
     return MutantResult(**data)
 
 
+def _move_into(work: Path, out: Path) -> None:
+    """A finished run's files become the cache entry's; the emptied work directory goes."""
+    for item in work.iterdir():
+        item.rename(out / item.name)
+    work.rmdir()
+
+
 def _store(run: CellRun, m: Mutant, result: MutantResult, suite_dir: Path | None) -> None:
     def build(out: Path) -> None:
         if suite_dir is not None:
-            for item in suite_dir.iterdir():
-                item.rename(out / item.name)
+            _move_into(suite_dir, out)
         (out / "result.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
 
     run.cache.get_or_build("mutants", run.key(m.digest(run.pristine(m))), build)
@@ -251,8 +257,7 @@ def control(run: CellRun, index: int) -> SuiteOutcome:
         )
 
     def build(out: Path) -> None:
-        for item in work.iterdir():
-            item.rename(out / item.name)
+        _move_into(work, out)
         (out / "outcome.json").write_text(json.dumps(outcome.to_json(), indent=2) + "\n")
 
     run.cache.get_or_build("mutants", run.key(f"control-{index}"), build)
@@ -279,8 +284,7 @@ def coverage(run: CellRun) -> dict[str, int]:
                           "failed; coverage is what ran[/]", highlight=False)  # fmt: skip
 
         def build(out: Path) -> None:
-            for item in work.iterdir():
-                item.rename(out / item.name)
+            _move_into(work, out)
 
         entry = run.cache.get_or_build("mutants", run.key("coverage"), build)
     data: dict[str, dict[str, int]] = json.loads((entry / "coverage.json").read_text())
