@@ -140,10 +140,14 @@ def test_draw_is_seeded_and_a_longer_draw_extends_a_shorter_one():
 
 
 def test_unreached_functions_from_probe_counts_and_callers():
-    # helper was inlined (not probed) and is used only by only_from_hook, which the probes
-    # saw and counted 0 times; in_ops is inlined too but sits in an ops table: kept
-    probed = {"flow_offload_fixup_ct": 3, "nf_flow_offload_ip_hook": 9, "only_from_hook": 0}
-    out = unreached_functions(SOURCE, probed)
+    # only_from_hook: probed, 0 hits, mentioned nowhere else. helper: inlined (not probed),
+    # used only by only_from_hook. in_ops: inlined, in an ops table: kept. nf_flow_offload_ip_hook:
+    # its out-of-line copy had 0 hits but flow_offload_fixup_ct, which ran, mentions it (it may
+    # be inlined there): kept
+    source = SOURCE + b"static void uses_hook(void) { flow_offload_fixup_ct(0); }\n"
+    source = source.replace(b"\tint i;\n", b"\tint i = nf_flow_offload_ip_hook(0, 0);\n")
+    probed = {"flow_offload_fixup_ct": 3, "nf_flow_offload_ip_hook": 0, "only_from_hook": 0}
+    out = unreached_functions(source, probed)
     assert out == {
         "only_from_hook": "kprobe: 0 hits",
         "helper": "inlined; used only by only_from_hook",

@@ -309,11 +309,18 @@ def sample(mutants: list[Mutant], seed: int, count: int | None) -> list[Mutant]:
     return [m for i, m in enumerate(mutants) if i in chosen]
 
 
+_EXPORT = "<EXPORT_SYMBOL>"  # a mention that only says other modules call it
+
+
 def _references(root: tree_sitter.Node, names: set[str]) -> dict[str, set[str | None]]:
-    """name -> the functions whose bodies mention it (None: mentioned at file scope)."""
+    """name -> the functions whose bodies mention it (None: mentioned at file scope, e.g. in
+    an ops table or rhashtable params, where the compiler may still inline it; ``_EXPORT``:
+    in ``EXPORT_SYMBOL``, which only other modules use, never inlined)."""
     out: dict[str, set[str | None]] = {n: set() for n in names}
     for top in root.children:
         owner = function_name(top) if top.type == "function_definition" else None
+        if top.type == "expression_statement" and _text(top).startswith("EXPORT_SYMBOL"):
+            owner = _EXPORT
         stack = [top.child_by_field_name("body") if owner else top]
         while stack:
             node = stack.pop()
@@ -328,22 +335,33 @@ def _references(root: tree_sitter.Node, names: set[str]) -> dict[str, set[str | 
 def unreached_functions(source: bytes, probed: dict[str, int]) -> dict[str, str]:
     """Functions of ``source`` a run never entered, with how that is known.
 
-    ``probed``: kprobe hit counts of the functions the probes could see. A probed function
-    with no hit was not entered. One the probes could not see (inlined) was not entered if
-    every mention of it is inside functions that were not entered; a mention at file scope
-    (an ops table, ``module_init``, ``EXPORT_SYMBOL``) or none at all leaves it in scope.
+    ``probed``: kprobe hit counts of the functions the probes could see. A hit proves a
+    function ran. No hit proves only that its out-of-line copy did not: GCC may also have
+    inlined it into a caller, so it counts as not entered only when every function of the
+    file that mentions it was not entered either, and no initializer at file scope names it
+    (a constant ops table or rhashtable params can be inlined through; an ``EXPORT_SYMBOL``
+    cannot: other modules call the counted copy). A function the probes could not see (fully
+    inlined) needs the same, and at least one mention. Anything else stays in scope.
     """
     root = _PARSER.parse(source).root_node
     names = {function_name(n) for n in root.children if n.type == "function_definition"}
-    out = {n: "kprobe: 0 hits" for n in names if probed.get(n) == 0}
-    hidden = {n for n in names if n not in probed}
-    refs = _references(root, hidden)
+    candidates = {n for n in names if not probed.get(n)}
+    refs = _references(root, candidates)
+    out: dict[str, str] = {}
     changed = True
     while changed:
         changed = False
-        for name in sorted(hidden - out.keys()):
+        for name in sorted(candidates - out.keys()):
             users = refs[name]
-            if users and None not in users and all(u in out for u in users):
-                out[name] = f"inlined; used only by {', '.join(sorted(u for u in users if u))}"
-                changed = True
+            callers = sorted(u for u in users if u not in (None, _EXPORT))
+            if None in users or not all(u in out for u in callers):
+                continue
+            if name in probed:
+                how = "kprobe: 0 hits" + (f"; used only by {', '.join(callers)}" if callers else "")
+            elif callers and _EXPORT not in users:
+                how = f"inlined; used only by {', '.join(callers)}"
+            else:
+                continue
+            out[name] = how
+            changed = True
     return out
