@@ -28,12 +28,13 @@ from pathlib import Path
 from rich.console import Console
 
 from kmodtest.errors import ConfigError, KmodtestError
-from kmodtest.face import mutreport
+from kmodtest.face import mutreport, options
 from kmodtest.face.mutreport import CellReport, MutantResult
 from kmodtest.face.mutsuite import SuiteOutcome, SuiteSelection, run_suite
-from kmodtest.prepare.cache import Cache, default_cache_dir
+from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, load_matrix
 from kmodtest.prepare.images import Image, ImageBuilder
+from kmodtest.prepare.keys import artifact_key
 from kmodtest.prepare.ksource import KernelSources, get_sources
 from kmodtest.prepare.modchange import ModuleChange
 from kmodtest.prepare.mutants import (
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "mutate", help="mutation-test the suite: single-change mutants of the flowtable modules"
     )
-    p.add_argument("--kernel", help="cell id(s), comma separated (default: the default cell)")
+    options.add_to_argparse(p, ["kernel", *options.DIRS])
     p.add_argument("--seed", type=int, default=1, help="which mutants, in which order (1)")
     p.add_argument("--max", type=int, default=40,
                    help="run the suite on this many mutants that compile and change the object "
@@ -100,9 +101,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--min-score", type=float, default=0.0,
                    help="exit 1 if a cell's score (percent) is lower")  # fmt: skip
     p.add_argument("--timings", action="store_true", help="print where the time went")
-    p.add_argument("--kernels-dir", type=Path, default=Path("kernels"))
-    p.add_argument("--images-dir", type=Path, default=Path("images"))
-    p.add_argument("--image-cache", type=Path, default=None)
     p.set_defaults(func=run_mutate)
 
 
@@ -143,10 +141,11 @@ class CellRun:
     build_seconds: dict[str, float] = field(default_factory=dict)  # mutant id -> screening
 
     def key(self, what: str) -> str:
-        blob = {"layout": MUTATION_LAYOUT, "base": self.base.path.name,
-                "sources": f"{self.sources.package}={self.sources.version}", "what": what,
-                "suite": self.suite, "selection": self.selection.key_material()}  # fmt: skip
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+        """A verdict's key; the suite digest stands for the code (tests and framework)."""
+        inputs = {"layout": MUTATION_LAYOUT, "base": self.base.path.name,
+                  "sources": f"{self.sources.package}={self.sources.version}", "what": what,
+                  "suite": self.suite, "selection": self.selection.key_material()}  # fmt: skip
+        return artifact_key(inputs, ())
 
     def pristine(self, mutant: Mutant) -> bytes:
         return (self.sources.root / mutant.file).read_bytes()
@@ -433,8 +432,10 @@ def print_timings(report: CellReport, control_seconds: float) -> None:
 def run_mutate(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.max < 1 or args.control_runs < 1:
         raise ConfigError("--workers, --max and --control-runs start at 1")
-    cache = Cache(args.image_cache or default_cache_dir())
-    cells = load_matrix(args.kernels_dir).select(args.kernel, None)
+    settings = options.Settings.from_args(args)
+    args.kernels_dir, args.images_dir = settings.kernels_dir, settings.images_dir
+    cache = Cache(settings.image_cache)
+    cells = load_matrix(settings.kernels_dir).select(settings.kernel, None)
     reviewed = mutreport.load_equivalents(args.equivalents)
     reports = []
     for cell in cells:

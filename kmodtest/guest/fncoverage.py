@@ -13,9 +13,10 @@ import re
 
 import testinfra.host
 
+from kmodtest.flowtable import MODULES
+
 TRACEFS = "/sys/kernel/tracing"
 GROUP = "ktcov"
-FLOWTABLE_MODULES = ("nf_flow_table", "nf_flow_table_inet", "nft_flow_offload")
 
 _ARM = """
 set -e
@@ -34,7 +35,7 @@ echo 1 > $T/events/{group}/enable
 """
 
 
-def arm(host: testinfra.host.Host, modules: tuple[str, ...] = FLOWTABLE_MODULES) -> dict[str, str]:
+def arm(host: testinfra.host.Host, modules: tuple[str, ...] = MODULES) -> dict[str, str]:
     """Put a counting kprobe on every visible function; event name -> C function name."""
     script = _ARM.format(
         tracefs=TRACEFS, modules=" ".join(modules), group=GROUP, alternation="|".join(modules)

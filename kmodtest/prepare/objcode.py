@@ -17,8 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kmodtest import processes
 from kmodtest.errors import BuildError
-from kmodtest.prepare import debian
 from kmodtest.prepare.images import Image
 from kmodtest.prepare.toolchain import MOUNT_POINT, Toolchain
 
@@ -32,7 +32,7 @@ def layer_modules(overlay: Image, base: Image, dest: Path) -> dict[str, Path]:
     if not placed:
         raise BuildError(f"{overlay.path} is not a module overlay (no overlay.modules)")
     offset = base.initrd.stat().st_size
-    cpio = debian.require_tool("cpio", "cpio")
+    cpio = processes.require_tool("cpio", "cpio")
     with open(overlay.initrd, "rb") as archive:
         archive.seek(offset)
         subprocess.run(
