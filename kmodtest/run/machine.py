@@ -26,11 +26,23 @@ class DgramLink:
 
 
 @dataclass(frozen=True)
+class HostPciLink:
+    """A host NIC (one PCI function) handed to the guest through VFIO: the cable is real.
+
+    ``guest_slot`` pins the device on the guest's root bus, which is how the guest finds it
+    (a passthrough NIC keeps its own MAC address, which the host does not know in advance).
+    """
+
+    host: str  # full PCI address on the host, e.g. 0000:03:00.0
+    guest_slot: int
+
+
+@dataclass(frozen=True)
 class Nic:
     name: str  # role and guest interface name: lan, wan, client0, server0
-    model: str  # QEMU device model: virtio-net-pci, e1000, ...
+    model: str  # QEMU device model: virtio-net-pci, e1000, ...; vfio-pci for passthrough
     mac: str
-    link: DgramLink
+    link: DgramLink | HostPciLink
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kmodtest import processes
 from kmodtest.errors import MachineError
-from kmodtest.run.machine import MachineSpec
+from kmodtest.run.machine import HostPciLink, MachineSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
         "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
     ]  # fmt: skip
     for nic in spec.nics:
+        if isinstance(nic.link, HostPciLink):
+            argv += [
+                "-device",
+                f"vfio-pci,host={nic.link.host},id={nic.name},addr={nic.link.guest_slot:#x}",
+            ]
+            continue
         argv += [
             "-netdev",
             f"dgram,id={nic.name},local.type=unix,local.path={_opt(nic.link.local)},"
