@@ -57,6 +57,10 @@ class Arch:
     kvm_cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo flags, one of which KVM needs
     kvm_probe: KvmProbe | None = None
     kernel_glob: tuple[str, ...] = DEBIAN_KERNEL_GLOB
+    libvirt_arch: str = ""  # <type arch=...> in libvirt domain XML
+    # the guest gets ACPI tables (QEMU's default on x86; libvirt needs <acpi/> for the guest
+    # to power off, and refuses it on arm without UEFI)
+    acpi: bool = False
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -98,6 +102,8 @@ ARCHES: dict[str, Arch] = {
                 """),
             ),
             uname=("x86_64",),
+            libvirt_arch="x86_64",
+            acpi=True,
             kvm_hosts=("x86_64",),
             kvm_cpu_flags=("vmx", "svm"),
             # QEMU exits with (code << 1) | 1 when the guest writes code to isa-debug-exit
@@ -122,6 +128,7 @@ ARCHES: dict[str, Arch] = {
                 kconfig=_lines(f"{_ARM_VIRT_KCONFIG} CONFIG_ARM_GIC_V3=y"),
             ),
             uname=("aarch64",),
+            libvirt_arch="aarch64",
             kvm_hosts=("aarch64",),
         ),
         Arch(
@@ -139,6 +146,7 @@ ARCHES: dict[str, Arch] = {
                 kconfig=_lines(f"CONFIG_ARCH_VIRT=y CONFIG_ARM_LPAE=y {_ARM_VIRT_KCONFIG}"),
             ),
             uname=("armv7l", "armv8l"),
+            libvirt_arch="armv7l",
             kvm_hosts=(),
         ),
     )
