@@ -1,0 +1,161 @@
+"""A :class:`MachineSpec` as libvirt domain XML: the same VM the QEMU launcher starts.
+
+Plain data in, a string out (deterministic, so it is golden-tested and checked with
+``virt-xml-validate`` without booting). Where libvirt has no form for what the QEMU argv does,
+the nearest form that needs no root is used:
+
+- ``-netdev dgram`` over unix sockets has no libvirt form: each link end becomes
+  ``<interface type='udp'>`` on 127.0.0.1, one port per socket path of the spec (``ports``);
+- ``-no-reboot`` is ``on_reboot=destroy`` (a panicking guest with ``panic=-1`` is gone at once);
+- QEMU's ``-cpu max`` is ``<cpu mode='maximum'>`` under TCG, ``host-passthrough`` under KVM.
+
+No ``<qemu:commandline>``: it taints the domain, and nothing here needs it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodtest.errors import ConfigError
+from kmodtest.run.machine import DgramLink, HostPciLink, MachineSpec, Nic
+from kmodtest.run.qemu import AGENT_PORT_NAME
+
+METADATA_NS = "urn:kmodtest:domain:1"  # marks domains kmodtest started (owner pid, run dir)
+LOOPBACK = "127.0.0.1"
+# QEMU -device name -> libvirt <model type>, where they differ
+NIC_MODELS = {"virtio-net-pci": "virtio"}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who started the domain: written into <metadata> so leftovers can be traced to a run."""
+
+    pid: int
+    run_dir: Path
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def socket_paths(spec: MachineSpec) -> list[Path]:
+    """Every unix socket path the spec's links name, in a stable order: one UDP port each."""
+    paths: list[Path] = []
+    for nic in spec.nics:
+        if isinstance(nic.link, DgramLink):
+            for path in (nic.link.local, nic.link.remote):
+                if path not in paths:
+                    paths.append(path)
+    return paths
+
+
+def _cpu(domain: ET.Element, spec: MachineSpec) -> None:
+    if spec.accel == "kvm":
+        _sub(domain, "cpu", mode="host-passthrough", check="none")
+        return
+    model, *options = spec.cpu.split(",")
+    if model == "max":
+        cpu = _sub(domain, "cpu", mode="maximum", check="none")
+    else:
+        cpu = _sub(domain, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", model, fallback="forbid")
+    for option in options:
+        name, _, value = option.partition("=")
+        if value not in ("on", "off"):
+            raise ConfigError(
+                f"cpu option {option!r} of {spec.cpu!r} has no libvirt form",
+                "use feature=on|off options only, or run this cell with --backend qemu",
+            )
+        _sub(cpu, "feature", policy="require" if value == "on" else "disable", name=name)
+
+
+def _pci_address(parent: ET.Element, bdf: str, slot: int | None = None) -> None:
+    domain, bus, rest = bdf.split(":")
+    dev, function = rest.split(".")
+    _sub(
+        parent,
+        "address",
+        **({"type": "pci"} if slot is not None else {}),
+        domain=f"0x{domain}",
+        bus=f"0x{bus}" if slot is None else "0x00",
+        slot=f"0x{dev}" if slot is None else f"{slot:#04x}",
+        function=f"0x{function}" if slot is None else "0x0",
+    )
+
+
+def _nic(devices: ET.Element, nic: Nic, ports: Mapping[Path, int]) -> None:
+    if isinstance(nic.link, HostPciLink):
+        hostdev = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
+        source = _sub(hostdev, "source")
+        _pci_address(source, nic.link.host)
+        _sub(hostdev, "alias", name=f"ua-{nic.name}")
+        _pci_address(hostdev, "0000:00:00.0", slot=nic.link.guest_slot)
+        return
+    iface = _sub(devices, "interface", type="udp")
+    _sub(iface, "mac", address=nic.mac)
+    source = _sub(iface, "source", address=LOOPBACK, port=str(ports[nic.link.remote]))
+    _sub(source, "local", address=LOOPBACK, port=str(ports[nic.link.local]))
+    _sub(iface, "model", type=NIC_MODELS.get(nic.model, nic.model))
+    _sub(iface, "alias", name=f"ua-{nic.name}")
+    _sub(iface, "rom", enabled="no")  # as romfile=: no PXE option ROM, faster boot
+
+
+def domain_xml(
+    spec: MachineSpec, ports: Mapping[Path, int], name: str, owner: Owner | None = None
+) -> str:
+    """The transient domain for ``spec``; ``ports`` maps each of :func:`socket_paths` to a port."""
+    if spec.icount:
+        raise ConfigError(
+            "--icount has no libvirt form (libvirt does not expose -icount)",
+            "drop --icount, or use --backend qemu",
+        )
+    if spec.arch.extra_args:
+        raise ConfigError(
+            f"arch {spec.arch.name} needs extra QEMU arguments {spec.arch.extra_args}, "
+            "which have no libvirt form",
+            "use --backend qemu for this cell",
+        )
+    domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(domain, "name", name)
+    if owner is not None:
+        metadata = _sub(domain, "metadata")
+        ET.SubElement(
+            metadata,
+            f"{{{METADATA_NS}}}owner",
+            pid=str(owner.pid),
+            run_dir=str(owner.run_dir),
+        )
+    _sub(domain, "memory", str(spec.memory_mb), unit="MiB")
+    _sub(domain, "vcpu", str(spec.smp))
+    os_ = _sub(domain, "os")
+    _sub(os_, "type", "hvm", arch=spec.arch.libvirt_arch, machine=spec.machine)
+    _sub(os_, "kernel", str(spec.kernel))
+    if spec.initrd:
+        _sub(os_, "initrd", str(spec.initrd))
+    _sub(os_, "cmdline", spec.cmdline)
+    if spec.arch.acpi:
+        _sub(_sub(domain, "features"), "acpi")
+    _cpu(domain, spec)
+    _sub(domain, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(domain, event, "destroy")
+    devices = _sub(domain, "devices")
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=str(spec.console_log), append="off")
+    _sub(serial, "target", port="0")
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
+    _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
+    for nic in spec.nics:
+        _nic(devices, nic, ports)
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+    ET.register_namespace("kmodtest", METADATA_NS)
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode") + "\n"
