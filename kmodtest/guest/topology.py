@@ -8,12 +8,18 @@ Addresses are from the documentation ranges (RFC 5737 / RFC 3849): nothing leave
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest.guest import links
 from kmodtest.nics import get_nic
-from kmodtest.run.machine import DgramLink, Nic
+from kmodtest.prepare.cells import PASSTHROUGH_NIC
+from kmodtest.run.machine import DgramLink, HostPciLink, Nic
+
+# Passthrough NICs sit at fixed slots of the guest's root bus (lan, client, wan, server), which
+# is how the guest finds them: their MAC addresses are the hardware's own.
+PASSTHROUGH_SLOTS = {"lan": 0x10, "client": 0x11, "wan": 0x12, "server": 0x13}
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,12 @@ WAN = Segment(
 class Topology:
     nic_model: str
     segments: tuple[Segment, ...] = (LAN, WAN)
+    # for the vfio-pci model: host PCI address per port (lan, client, wan, server)
+    passthrough: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def passthrough_ports(self) -> bool:
+        return self.nic_model == PASSTHROUGH_NIC
 
     @property
     def client(self) -> Port:
@@ -73,6 +85,11 @@ class Topology:
         return (None, *(s.endpoint.netns for s in self.segments))
 
     def nics(self, run_dir: Path) -> tuple[Nic, ...]:
+        if self.passthrough_ports:
+            return tuple(
+                Nic(port, PASSTHROUGH_NIC, "", HostPciLink(self.passthrough[port], slot))
+                for port, slot in PASSTHROUGH_SLOTS.items()
+            )
         out = []
         for seg in self.segments:
             a, b = run_dir / f"{seg.name}-r.sock", run_dir / f"{seg.name}-e.sock"
@@ -87,10 +104,13 @@ class Topology:
         """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`."""
         lines = [
             "set -e",
-            f"modprobe {get_nic(self.nic_model).driver}",
             "byaddr() { for i in /sys/class/net/*; do "
             '[ "$(cat $i/address)" = "$1" ] && echo "${i##*/}"; done; return 0; }',
         ]
+        if self.passthrough_ports:
+            lines += self._passthrough_setup()
+        else:
+            lines.insert(1, f"modprobe {get_nic(self.nic_model).driver}")
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
             lines += [
@@ -104,6 +124,28 @@ class Topology:
             ]
         return "\n".join(lines) + "\n" + self.reset_script()
 
+    def _passthrough_setup(self) -> list[str]:
+        """Load each passthrough NIC's driver by its modalias, then give it our port's MAC.
+
+        The rest of the set-up then finds every port by MAC, as with emulated NICs.
+        """
+        lines = [
+            "bypci() { d=/sys/bus/pci/devices/0000:00:$1.0; [ -d $d ] || return 0; "
+            'modprobe -q "$(cat $d/modalias)" || true; n=0; while [ $n -lt 100 ]; do '
+            'for i in $d/net/*; do [ -e "$i" ] && { echo "${i##*/}"; return 0; }; done; '
+            "sleep 0.1; n=$((n+1)); done; return 0; }",
+        ]
+        macs = {s.name: s.router.mac for s in self.segments}
+        macs.update({str(s.endpoint.netns): s.endpoint.mac for s in self.segments})
+        for port, slot in PASSTHROUGH_SLOTS.items():
+            where = f"guest slot {slot:02x}, host {self.passthrough.get(port)}"
+            lines += [
+                f'i=$(bypci {slot:02x}); [ -n "$i" ] || '
+                f'{{ echo "no driver bound the {port} NIC ({where})" >&2; exit 1; }}',
+                f'ip link set dev "$i" address {macs[port]}',
+            ]
+        return lines
+
     def reset_script(self) -> str:
         """Bring the network back to its known state: no rules, no flows, addresses, routes.
 
@@ -111,8 +153,8 @@ class Topology:
         twenty separate calls would dominate the per-test overhead. Ends with the link wait: a
         test may have taken a link down or changed its MTU, which resets e1000e's link.
         """
-        nic = get_nic(self.nic_model)
-        link = f"mtu 1500 {nic.link_options}".strip()
+        nic = None if self.passthrough_ports else get_nic(self.nic_model)  # real NICs: none
+        link = f"mtu 1500 {nic.link_options if nic else ''}".strip()
         router = []
         endpoints: dict[str, list[str]] = {}
         for seg in self.segments:

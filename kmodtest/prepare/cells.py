@@ -7,7 +7,7 @@ names the file, the line and the field.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,7 +18,19 @@ from kmodtest.errors import ConfigError
 from kmodtest.nics import NICS
 from kmodtest.prepare.yamlfile import load_model
 
+# the NIC "model" of a cell's passthrough case: host NICs handed to the guest through VFIO
+PASSTHROUGH_NIC = "vfio-pci"
 _ID = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+_PCI_ADDRESS = re.compile(r"^(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
+
+
+def pci_address(value: str) -> str:
+    """A host PCI address in full form (``0000:03:00.0``); ``03:00.0`` gets domain 0000."""
+    match = _PCI_ADDRESS.match(value.strip().lower())
+    if not match:
+        raise ValueError(f"{value!r} is not a PCI address like 0000:03:00.0 (see lspci -D)")
+    domain, bus, slot, function = match.groups()
+    return f"{domain or '0000'}:{bus}:{slot}.{function}"
 
 
 class _Strict(BaseModel):
@@ -49,6 +61,27 @@ class LocalSource(_Strict):
 SourceSpec = Annotated[DebianSource | LocalSource, Field(discriminator="kind")]
 
 
+class PassthroughSpec(_Strict):
+    """Host NICs by PCI address: the router's LAN and WAN ports, and the ports cabled to them.
+
+    The one-VM topology stays: ``client`` and ``server`` are the endpoints' ports (network
+    namespaces in the same guest), each cabled back to back to ``lan`` and ``wan``.
+    """
+
+    lan: str
+    client: str
+    wan: str
+    server: str
+
+    @field_validator("lan", "client", "wan", "server")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return pci_address(value)
+
+    def by_port(self) -> dict[str, str]:
+        return {"lan": self.lan, "client": self.client, "wan": self.wan, "server": self.server}
+
+
 class CellSpec(_Strict):
     id: str
     arch: str
@@ -58,6 +91,8 @@ class CellSpec(_Strict):
     machine: str | None = None  # override the arch's QEMU machine
     cpu: str | None = None  # override the arch's QEMU cpu
     append: str = ""  # extra kernel command-line arguments, e.g. a driver's module option
+    backend: Literal["qemu", "libvirt"] | None = None  # how VMs start (default: --backend)
+    passthrough: PassthroughSpec | None = None  # adds a vfio-pci case on these host NICs
     memory_mb: int = Field(default=512, ge=128, le=8192)
     default: bool = False  # the cell `pytest vmtests/` uses without --kernel
     ci: bool = False  # run by .ci/run (sized for 90 minutes on 2 cores)
@@ -113,6 +148,14 @@ class Cell:
     def cpu(self) -> str:
         return self.spec.cpu or self.arch.cpu
 
+    @property
+    def nic_cases(self) -> tuple[str, ...]:
+        """The NIC models VM cases run on: the emulated ones, then passthrough if configured."""
+        return self.spec.nics + ((PASSTHROUGH_NIC,) if self.spec.passthrough else ())
+
+    def with_passthrough(self, ports: PassthroughSpec) -> Cell:
+        return replace(self, spec=self.spec.model_copy(update={"passthrough": ports}))
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -151,9 +194,10 @@ class Matrix:
             chosen = [c for c in chosen if c.arch.name in wanted]
         if nics:
             wanted_nics = {n.strip() for n in nics.split(",")}
-            for nic in wanted_nics - set(NICS):
-                raise ConfigError(f"unknown NIC {nic!r}", f"use one of: {', '.join(NICS)}")
-            chosen = [c for c in chosen if wanted_nics & set(c.spec.nics)]
+            known = (*NICS, PASSTHROUGH_NIC)
+            for nic in wanted_nics - set(known):
+                raise ConfigError(f"unknown NIC {nic!r}", f"use one of: {', '.join(known)}")
+            chosen = [c for c in chosen if wanted_nics & set(c.nic_cases)]
         return chosen
 
 
