@@ -19,6 +19,8 @@ import pytest
 
 from kmodtest.errors import ConfigError
 from kmodtest.prepare.cache import default_cache_dir
+from kmodtest.run.launcher import BACKENDS
+from kmodtest.run.libvirt_launcher import DEFAULT_URI
 
 INI_PREFIX = "kmodtest_"
 
@@ -54,6 +56,13 @@ OPTIONS: dict[str, Option] = {
                metavar="MODEL[,MODEL...]"),
         Option("accel", "--accel", "QEMU accelerator; auto uses KVM only if a probe VM runs "
                "under it", default="auto", choices=("auto", "kvm", "tcg")),
+        Option("backend", "--backend", "how VMs start: qemu (a subprocess) or libvirt (a "
+               "transient domain); default: the cell's backend:, else qemu", choices=BACKENDS),
+        Option("libvirt_uri", "--libvirt-uri", "libvirt connection for --backend libvirt "
+               f"(default: {DEFAULT_URI})", metavar="URI"),
+        Option("passthrough", "--passthrough", "host NICs (PCI addresses) for a vfio-pci case "
+               "on the selected cells: the router's lan/wan ports and the client/server ports "
+               "cabled to them", metavar="lan=PCI,client=PCI,wan=PCI,server=PCI"),
         Option("icount", "--icount", "TCG: -icount shift=0,sleep=off (guest time follows "
                "instructions)", default=False, switch=True),
         Option("keep_logs", "--keep-logs", "keep console logs of passing runs too (failing "
@@ -106,6 +115,9 @@ class Settings:
     arch: str | None
     nic: str | None
     accel: str
+    backend: str | None
+    libvirt_uri: str | None
+    passthrough: str | None
     icount: bool
     keep_logs: bool
     log_dir: Path
@@ -124,11 +136,16 @@ class Settings:
         value = {n: (raw[n] if n in given else OPTIONS[n].default) for n in OPTIONS}
         if value["accel"] not in (OPTIONS["accel"].choices or ()):  # ini values skip argparse
             raise ConfigError(f"unknown accelerator {value['accel']!r}", "use auto, kvm or tcg")
+        if value["backend"] not in (None, *BACKENDS):
+            raise ConfigError(f"unknown backend {value['backend']!r}", "use qemu or libvirt")
         return cls(
             kernel=value["kernel"],
             arch=value["arch"],
             nic=value["nic"],
             accel=value["accel"],
+            backend=value["backend"],
+            libvirt_uri=value["libvirt_uri"],
+            passthrough=value["passthrough"],
             icount=bool(value["icount"]),
             keep_logs=bool(value["keep_logs"]),
             log_dir=Path(value["log_dir"]).expanduser().absolute(),

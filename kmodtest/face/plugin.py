@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from kmodtest import processes
-from kmodtest.errors import KmodtestError
+from kmodtest.errors import ConfigError, KmodtestError
 from kmodtest.face import options, patching
 from kmodtest.face.options import Settings
 from kmodtest.face.scheduling import make_scheduler
@@ -28,11 +29,19 @@ from kmodtest.face.session import (
 )
 from kmodtest.guest.health import tail
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import load_matrix, unbuilt_local_kernel
+from kmodtest.prepare.cells import (
+    PASSTHROUGH_NIC,
+    Matrix,
+    PassthroughSpec,
+    load_matrix,
+    unbuilt_local_kernel,
+)
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.recipes import load_recipe
 from kmodtest.progress import Progress
 from kmodtest.run.devices import missing_nic
+from kmodtest.run.libvirt_launcher import DEFAULT_URI
+from kmodtest.run.passthrough import missing_prerequisites
 
 SESSION_KEY = pytest.StashKey[KmodtestSession]()
 CASE_ARG = "vm_case"
@@ -55,6 +64,8 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
         return None  # not a kmodtest tree and no kmodtest option: stay out of the way
     images_dir = settings.images_dir
     matrix = load_matrix(settings.kernels_dir)
+    if ports := passthrough_option(settings.passthrough):  # before --nic selects
+        matrix = Matrix(tuple(cell.with_passthrough(ports) for cell in matrix.cells))
     kernel_opt = settings.kernel
     cells = patching.adhoc_cells(config) or matrix.select(kernel_opt, settings.arch, settings.nic)
     for cell in cells:  # a malformed recipe fails now, not at the first test
@@ -70,6 +81,8 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
         log_root,
         accel=settings.accel,
         icount=settings.icount,
+        backend=settings.backend,
+        libvirt_uri=settings.libvirt_uri,
         refresh_images=settings.refresh_images,
     )
     pool.overlay = patching.overlay_builder(config, cache, quiet, log_root)  # --module-patch
@@ -94,9 +107,38 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
         for nic in cell.spec.nics:
             if why := missing_nic(cell.arch.qemu_binary, nic):
                 session.nic_skips[(cell.id, nic)] = why
+        if cell.spec.passthrough:
+            backend = pool.backend_for(cell)
+            addresses = cell.spec.passthrough.by_port().values()
+            if missing := missing_prerequisites(addresses, backend):
+                why = f"passthrough ({backend} backend) not possible here: " + "; ".join(missing)
+                session.nic_skips[(cell.id, PASSTHROUGH_NIC)] = why
+    for cell in cells:  # an unreachable libvirtd fails now, naming the fix
+        if cell.id not in session.skips and pool.backend_for(cell) == "libvirt":
+            pool.launcher_for(cell).check()
     if pool.overlay is not None:  # cells the module loop cannot build for (cross arches)
         session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
+
+
+def passthrough_option(value: str | None) -> PassthroughSpec | None:
+    """``--passthrough lan=PCI,client=PCI,wan=PCI,server=PCI`` as a cell's passthrough:."""
+    if not value:
+        return None
+    try:
+        ports = {}
+        for item in value.split(","):
+            port, sep, address = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not PORT=PCI-ADDRESS")
+            ports[port.strip()] = address.strip()
+        return PassthroughSpec(**ports)
+    except (ValueError, TypeError, ValidationError) as exc:
+        raise ConfigError(
+            f"--passthrough {value!r}: {str(exc).splitlines()[-1].strip()}",
+            "name all four ports: --passthrough lan=0000:03:00.0,client=0000:03:00.1,"
+            "wan=0000:04:00.0,server=0000:04:00.1 (PCI addresses from lspci -D)",
+        ) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,6 +148,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except KmodtestError as exc:
         raise pytest.UsageError(f"kmodtest: {exc}") from None
     if session is not None:
+        # SIGTERM unwinds like SIGINT in every process, the xdist controller included (it
+        # starts no VM itself, so nothing else would install the handler there)
+        processes.install_signal_handlers()
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
 
@@ -124,6 +169,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if session is None:
         return []
     lines = [f"kmodtest cache: {session.cache.root}  logs: {session.log_root}"]
+    backends = sorted({session.pool.backend_for(c) for c in session.cells})
+    uri = session.pool.libvirt_uri or DEFAULT_URI
+    lines.append(
+        "kmodtest backend: " + ", ".join(f"{b} ({uri})" if b == "libvirt" else b for b in backends)
+    )
     for cell in session.cells:
         try:
             image = session.pool.builder.cached(cell)

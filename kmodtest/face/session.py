@@ -8,13 +8,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest.errors import KmodtestError
 from kmodtest.guest.router import RouterVM
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import Cell, Matrix
+from kmodtest.prepare.cells import PASSTHROUGH_NIC, Cell, Matrix
 from kmodtest.prepare.images import Image, ImageBuilder
 from kmodtest.run.accel import AccelChoice, choose_accel
+from kmodtest.run.launcher import Launcher, make_launcher
+from kmodtest.run.passthrough import missing_guest_driver
 
 log = logging.getLogger(__name__)
+
+
+class PassthroughUnavailable(KmodtestError):
+    """A passthrough case cannot run here; the router fixture turns this into a skip."""
 
 
 def wanted_nics(option: str | None) -> list[str] | None:
@@ -27,7 +34,7 @@ def case_nics(cell: Cell, wanted: Sequence[str] | None) -> list[str]:
 
     One rule for parametrization and for the xdist scheduler, which must agree on it.
     """
-    return [n for n in cell.spec.nics if wanted is None or n in wanted]
+    return [n for n in cell.nic_cases if wanted is None or n in wanted]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class RouterPool:
     log_root: Path
     accel: str = "auto"
     icount: bool = False
+    backend: str | None = None  # --backend; None: the cell's backend:, else qemu
+    libvirt_uri: str | None = None
     refresh_images: bool = False
     # a layer over each base image (--module-patch): (cell, base image) -> layered image
     overlay: Callable[[Cell, Image], Image] | None = None
@@ -70,6 +79,16 @@ class RouterPool:
     booted: list[str] = field(default_factory=list)  # one line per boot, for the summary
     images: dict[str, Image] = field(default_factory=dict)
     accels: dict[str, AccelChoice] = field(default_factory=dict)
+    launchers: dict[str, Launcher] = field(default_factory=dict)
+
+    def backend_for(self, cell: Cell) -> str:
+        return self.backend or cell.spec.backend or "qemu"
+
+    def launcher_for(self, cell: Cell) -> Launcher:
+        backend = self.backend_for(cell)
+        if backend not in self.launchers:
+            self.launchers[backend] = make_launcher(backend, self.libvirt_uri)
+        return self.launchers[backend]
 
     def image(self, cell: Cell) -> Image:
         if cell.id not in self.images:
@@ -93,14 +112,20 @@ class RouterPool:
                 vm.tainted = f"reset failed: {exc}"
         self.stop_current()
         image = self.image(case.cell)
+        if case.nic == PASSTHROUGH_NIC and case.cell.spec.passthrough:
+            modules = image.manifest["modules"] + image.manifest.get("modules_builtin", [])
+            ports = case.cell.spec.passthrough.by_port()
+            if why := missing_guest_driver(ports, modules):
+                raise PassthroughUnavailable(why)
         self.boots += 1
         log_dir = self.log_root / f"{case.cell.id}-{case.nic}-boot{self.boots}"
         vm = RouterVM.create(
-            case.cell, image, case.nic, log_dir, self.accel_for(case.cell).accel, self.icount
-        )
+            case.cell, image, case.nic, log_dir, self.accel_for(case.cell).accel, self.icount,
+            self.launcher_for(case.cell),
+        )  # fmt: skip
         self.current = vm.start()
         self.booted.append(
-            f"{vm.spec.name}: kernel {image.kernel_version}, {vm.spec.accel}, "
+            f"{vm.spec.name}: kernel {image.kernel_version}, {vm.launcher.name}, {vm.spec.accel}, "
             f"up in {vm.boot_seconds:.1f} s"
         )
         return vm

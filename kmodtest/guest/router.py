@@ -69,9 +69,11 @@ class RouterVM:
         log_dir: Path,
         accel: str = "tcg",
         icount: bool = False,
+        launcher: Launcher | None = None,
     ) -> RouterVM:
         run_dir = Path(tempfile.mkdtemp(prefix="kt-"))  # short: unix socket path limit
-        topology = Topology(nic_model)
+        ports = cell.spec.passthrough.by_port() if cell.spec.passthrough else {}
+        topology = Topology(nic_model, passthrough=ports)
         spec = MachineSpec(
             name=f"{cell.id}-{nic_model}",
             arch=cell.arch,
@@ -87,7 +89,7 @@ class RouterVM:
             icount=icount,
             nics=topology.nics(run_dir),
         )
-        return cls(cell, image, topology, spec)
+        return cls(cell, image, topology, spec, launcher or QemuLauncher())
 
     @property
     def console_log(self) -> Path:
@@ -123,7 +125,7 @@ class RouterVM:
             self.stop()
             raise MachineError(
                 f"{self.spec.name} did not come up: {exc.problem}{why}",
-                f"see {self.console_log} and {self.spec.log_dir / 'qemu.stderr'}",
+                f"see {self.console_log} and the {self.launcher.name} log in {self.spec.log_dir}",
             ) from None
         except BaseException:
             self.stop()
@@ -148,9 +150,11 @@ class RouterVM:
     def _death_note(self) -> str:
         parts = []
         if self.qemu is not None and not self.qemu.alive:
-            parts.append(f"\n{self.launcher.name}: the VM exited with {self.qemu.returncode}")
+            rc = self.qemu.returncode
+            status = "" if rc is None else f" with {rc}"
+            parts.append(f"\n{self.launcher.name}: the VM exited{status}")
             if err := self.qemu.stderr_text():
-                parts.append(f"QEMU said: {err[-800:]}")
+                parts.append(f"{self.launcher.name} said: {err[-800:]}")
         parts.append(f"last console lines:\n{tail(self.console_log)}")
         return "\n".join(parts)
 

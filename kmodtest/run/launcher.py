@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from kmodtest.errors import ConfigError
 from kmodtest.run.machine import MachineSpec
 
 
@@ -34,6 +35,9 @@ class RunningMachine(Protocol):
 class Launcher(Protocol):
     name: str  # "qemu", "libvirt": what --backend selects
 
+    def check(self) -> None:
+        """Raise (with the fix) now if this launcher cannot start VMs here, before any test."""
+
     def start(self, spec: MachineSpec) -> RunningMachine: ...
 
 
@@ -42,7 +46,24 @@ class QemuLauncher:
 
     name = "qemu"
 
+    def check(self) -> None:
+        """QEMU binaries are checked per cell (a missing one skips or fails that cell)."""
+
     def start(self, spec: MachineSpec) -> RunningMachine:
         from kmodtest.run.qemu import QemuProcess
 
         return QemuProcess.start(spec)
+
+
+BACKENDS = ("qemu", "libvirt")
+
+
+def make_launcher(backend: str, libvirt_uri: str | None = None) -> Launcher:
+    """The launcher ``--backend`` (or a cell's ``backend:``) names."""
+    if backend == "libvirt":
+        from kmodtest.run.libvirt_launcher import DEFAULT_URI, LibvirtLauncher
+
+        return LibvirtLauncher(libvirt_uri or DEFAULT_URI)
+    if backend == "qemu":
+        return QemuLauncher()
+    raise ConfigError(f"unknown backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")
