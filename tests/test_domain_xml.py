@@ -1,0 +1,219 @@
+"""The machine description turns into the libvirt domain XML we expect, without booting.
+
+The same :class:`MachineSpec` the QEMU argv tests use; the XML is compared as a golden value
+and validated against libvirt's own schema with ``virt-xml-validate``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from kmodtest.arches import ARCHES
+from kmodtest.errors import ConfigError
+from kmodtest.guest.topology import Topology
+from kmodtest.run.domainxml import Owner, domain_xml, socket_paths
+from kmodtest.run.machine import MachineSpec
+from kmodtest.run.udpports import PortLease
+
+RUN = Path("/tmp/kt-x")
+PASSTHROUGH = {
+    "lan": "0000:03:00.0",
+    "client": "0000:03:00.1",
+    "wan": "0000:04:00.0",
+    "server": "0000:04:00.1",
+}
+
+
+def spec(arch: str = "x86_64", accel: str = "tcg", nic: str = "e1000", **kw) -> MachineSpec:
+    topology = Topology(nic, passthrough=PASSTHROUGH if nic == "vfio-pci" else {})
+    return MachineSpec(
+        name="vm",
+        arch=ARCHES[arch],
+        machine=ARCHES[arch].machine,
+        cpu=kw.pop("cpu", ARCHES[arch].cpu),
+        memory_mb=512,
+        kernel=Path("/img/kernel"),
+        initrd=Path("/img/initrd.cpio"),
+        cmdline="console=ttyS0",
+        run_dir=RUN,
+        log_dir=Path("/logs/vm"),
+        accel=accel,
+        nics=topology.nics(RUN),
+        **kw,
+    )
+
+
+def render(s: MachineSpec) -> str:
+    ports = {path: 40000 + i for i, path in enumerate(socket_paths(s))}
+    return domain_xml(s, ports, "kmodtest-vm-kt-x", Owner(1234, RUN))
+
+
+GOLDEN_X86_E1000 = """\
+<domain xmlns:kmodtest="urn:kmodtest:domain:1" type="qemu">
+  <name>kmodtest-vm-kt-x</name>
+  <metadata>
+    <kmodtest:owner pid="1234" run_dir="/tmp/kt-x" />
+  </metadata>
+  <memory unit="MiB">512</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch="x86_64" machine="pc">hvm</type>
+    <kernel>/img/kernel</kernel>
+    <initrd>/img/initrd.cpio</initrd>
+    <cmdline>console=ttyS0</cmdline>
+  </os>
+  <features>
+    <acpi />
+  </features>
+  <cpu mode="maximum" check="none" />
+  <clock offset="utc" />
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type="file">
+      <source path="/logs/vm/console.log" append="off" />
+      <target port="0" />
+    </serial>
+    <channel type="unix">
+      <source mode="bind" path="/tmp/kt-x/agent.sock" />
+      <target type="virtio" name="org.kmodtest.agent" />
+    </channel>
+    <interface type="udp">
+      <mac address="52:54:00:6b:00:01" />
+      <source address="127.0.0.1" port="40001">
+        <local address="127.0.0.1" port="40000" />
+      </source>
+      <model type="e1000" />
+      <alias name="ua-lan" />
+      <rom enabled="no" />
+    </interface>
+    <interface type="udp">
+      <mac address="52:54:00:6b:01:01" />
+      <source address="127.0.0.1" port="40000">
+        <local address="127.0.0.1" port="40001" />
+      </source>
+      <model type="e1000" />
+      <alias name="ua-lan-client" />
+      <rom enabled="no" />
+    </interface>
+    <interface type="udp">
+      <mac address="52:54:00:6b:00:02" />
+      <source address="127.0.0.1" port="40003">
+        <local address="127.0.0.1" port="40002" />
+      </source>
+      <model type="e1000" />
+      <alias name="ua-wan" />
+      <rom enabled="no" />
+    </interface>
+    <interface type="udp">
+      <mac address="52:54:00:6b:02:01" />
+      <source address="127.0.0.1" port="40002">
+        <local address="127.0.0.1" port="40003" />
+      </source>
+      <model type="e1000" />
+      <alias name="ua-wan-server" />
+      <rom enabled="no" />
+    </interface>
+    <controller type="usb" model="none" />
+    <memballoon model="none" />
+  </devices>
+</domain>
+"""
+
+
+def test_x86_e1000_golden():
+    assert render(spec()) == GOLDEN_X86_E1000
+
+
+def test_links_are_crossed_pairs_like_the_dgram_sockets():
+    """Each unix socket path of the spec is one UDP port: a NIC's local is its peer's remote."""
+    root = ET.fromstring(render(spec(nic="virtio-net-pci")))
+    ifaces = root.findall("devices/interface")
+    assert [i.find("model").get("type") for i in ifaces] == ["virtio"] * 4
+    ends = [
+        (int(i.find("source/local").get("port")), int(i.find("source").get("port"))) for i in ifaces
+    ]
+    assert ends[0] == ends[1][::-1] and ends[2] == ends[3][::-1]
+    assert len({p for pair in ends for p in pair}) == 4
+
+
+def test_kvm_domain_uses_host_cpu():
+    root = ET.fromstring(render(spec(accel="kvm")))
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").attrib == {"mode": "host-passthrough", "check": "none"}
+
+
+def test_arm_cells_have_their_arch_machine_and_no_acpi():
+    arm64 = ET.fromstring(render(spec(arch="arm64")))
+    assert arm64.find("os/type").attrib == {"arch": "aarch64", "machine": "virt"}
+    assert arm64.find("features") is None  # libvirt refuses ACPI on arm without UEFI
+    cpu = arm64.find("cpu")
+    assert cpu.get("mode") == "maximum"
+    assert cpu.find("feature").attrib == {"policy": "disable", "name": "pauth"}
+    armhf = ET.fromstring(render(spec(arch="armhf")))
+    assert armhf.find("os/type").get("arch") == "armv7l"
+    assert armhf.find("cpu/model").text == "cortex-a15"
+
+
+def test_passthrough_nics_are_managed_hostdevs_at_pinned_guest_slots():
+    root = ET.fromstring(render(spec(nic="vfio-pci")))
+    assert root.findall("devices/interface") == []
+    hostdevs = root.findall("devices/hostdev")
+    assert [h.attrib for h in hostdevs] == [
+        {"mode": "subsystem", "type": "pci", "managed": "yes"}
+    ] * 4
+    lan = hostdevs[0]
+    assert lan.find("source/address").attrib == {
+        "domain": "0x0000", "bus": "0x03", "slot": "0x00", "function": "0x0",
+    }  # fmt: skip
+    assert lan.find("address").attrib == {
+        "type": "pci", "domain": "0x0000", "bus": "0x00", "slot": "0x10", "function": "0x0",
+    }  # fmt: skip
+    slots = [h.find("address").get("slot") for h in hostdevs]
+    assert slots == ["0x10", "0x11", "0x12", "0x13"]
+
+
+def test_what_libvirt_cannot_express_is_an_error():
+    with pytest.raises(ConfigError, match="--icount has no libvirt form"):
+        render(spec(icount=True))
+    with pytest.raises(ConfigError, match="no libvirt form"):
+        render(spec(cpu="max,sve-max-vq=2"))
+
+
+def test_port_leases_never_hand_out_a_held_port():
+    first = PortLease.take(8)
+    second = PortLease.take(8)
+    try:
+        assert len(set(first.ports)) == 8
+        assert not set(first.ports) & set(second.ports)
+    finally:
+        first.release()
+        second.release()
+
+
+@pytest.mark.skipif(not shutil.which("virt-xml-validate"), reason="virt-xml-validate not "
+                    "installed (libvirt-clients; bash .ci/bootstrap installs it)")  # fmt: skip
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"nic": "e1000"},
+        {"nic": "virtio-net-pci", "accel": "kvm"},
+        {"nic": "vfio-pci"},
+        {"arch": "arm64"},
+        {"arch": "armhf", "nic": "e1000e"},
+    ],
+    ids=["e1000", "virtio-kvm", "passthrough", "arm64", "armhf"],
+)
+def test_domain_xml_is_valid_for_libvirt(tmp_path, kw):
+    path = tmp_path / "domain.xml"
+    path.write_text(render(spec(**kw)))
+    result = subprocess.run(
+        ["virt-xml-validate", str(path), "domain"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
