@@ -24,10 +24,12 @@ from kmodtest.errors import MachineError
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed (.ci/bootstrap)")
 
 from kmodtest.guest.router import RouterVM  # noqa: E402
+from kmodtest.prepare.cache import default_cache_dir  # noqa: E402
 from kmodtest.run.domainxml import METADATA_NS  # noqa: E402
 from kmodtest.run.libvirt_launcher import DEFAULT_URI, LibvirtLauncher  # noqa: E402
 
 URI = os.environ.get("KMODTEST_LIBVIRT_URI", DEFAULT_URI)
+CACHE = default_cache_dir()  # inner pytest runs get another HOME: share the built images
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_unreachable_libvirtd_is_a_usage_error_with_the_fix(pytester, repo, inne
     pytester.makepyfile(test_x="def test_x(router):\n    pass\n")
     result = pytester.runpytest_subprocess(
         "-p", "fixtures.router", f"--kernels-dir={repo / 'kernels'}",
-        f"--images-dir={repo / 'images'}", "--backend", "libvirt",
+        f"--images-dir={repo / 'images'}", f"--image-cache={CACHE}", "--backend", "libvirt",
         "--libvirt-uri", "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
     )  # fmt: skip
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -169,6 +171,7 @@ def test_failing_test_and_guest_panic_leave_no_domain(conn, pytester, repo, inne
     proc = pytester.popen(
         [sys.executable, "-m", "pytest", "-p", "fixtures.router", "test_inner.py",
          f"--kernels-dir={repo / 'kernels'}", f"--images-dir={repo / 'images'}",
+         f"--image-cache={CACHE}",
          f"--log-dir={tmp_path / 'logs'}", "--backend", "libvirt", f"--libvirt-uri={URI}"],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -199,6 +202,7 @@ def _interrupt(conn, pytester, repo, tmp_path, sig: int, workers: int) -> None:
     pytester.makepyfile(test_slow=SLOW)
     args = [sys.executable, "-m", "pytest", "-p", "fixtures.router", "test_slow.py",
             f"--kernels-dir={repo / 'kernels'}", f"--images-dir={repo / 'images'}",
+         f"--image-cache={CACHE}",
             f"--log-dir={tmp_path / 'logs'}", "--backend", "libvirt", f"--libvirt-uri={URI}",
             "-q", "-p", "no:cacheprovider"]  # fmt: skip
     if workers > 1:  # two VM cases (NIC models), one per worker, both booted at once
