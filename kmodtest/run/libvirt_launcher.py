@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kmodtest import processes
 from kmodtest.errors import MachineError
 from kmodtest.run.domainxml import Owner, domain_xml, socket_paths
 from kmodtest.run.machine import MachineSpec
@@ -226,6 +227,7 @@ class LibvirtLauncher:
 
     def start(self, spec: MachineSpec) -> LibvirtMachine:
         libvirt = _libvirt()
+        processes.install_signal_handlers()  # SIGTERM/SIGHUP unwind to stop(), as for QEMU
         connection = Connection.get(self.uri)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         spec.log_dir.mkdir(parents=True, exist_ok=True)
