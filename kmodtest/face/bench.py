@@ -50,10 +50,13 @@ def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, tab
     cached = statistics.median(_timed(lambda: builder.get(cell)) for _ in range(5))
     row("image build, cached", f"{cached * 1000:.1f} ms")
 
-    accel = choose_accel(cell.arch, Settings.from_args(args).accel)
+    settings = Settings.from_args(args)
+    accel = choose_accel(cell.arch, settings.accel)
     row("accelerator", f"{accel.accel} ({accel.reason})")
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-logs-") as logs:
-        pool = RouterPool(builder, Path(logs), accel=accel.accel)
+        pool = RouterPool(builder, Path(logs), accel=accel.accel, backend=settings.backend,
+                          libvirt_uri=settings.libvirt_uri)  # fmt: skip
+        row("backend", pool.backend_for(cell))
         case = VmCase(cell, cell.spec.nics[0])
         try:
             boots, setups = [], []

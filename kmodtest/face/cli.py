@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commands", type=int, default=100)
     p.add_argument("--resets", type=int, default=20)
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
-    options.add_to_argparse(p, ["accel"])
+    options.add_to_argparse(p, ["accel", "backend", "libvirt_uri"])
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
