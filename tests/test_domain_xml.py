@@ -16,9 +16,9 @@ import pytest
 from kmodtest.arches import ARCHES
 from kmodtest.errors import ConfigError
 from kmodtest.guest.topology import Topology
-from kmodtest.run.domainxml import Owner, domain_xml, socket_paths
+from kmodtest.run.domainxml import Owner, domain_xml, link_keys
 from kmodtest.run.machine import MachineSpec
-from kmodtest.run.udpports import PortLease
+from kmodtest.run.ports import PortLease
 
 RUN = Path("/tmp/kt-x")
 PASSTHROUGH = {
@@ -49,7 +49,7 @@ def spec(arch: str = "x86_64", accel: str = "tcg", nic: str = "e1000", **kw) -> 
 
 
 def render(s: MachineSpec) -> str:
-    ports = {path: 40000 + i for i, path in enumerate(socket_paths(s))}
+    ports = {key: 40000 + i for i, key in enumerate(link_keys(s))}
     return domain_xml(s, ports, "kmodtest-vm-kt-x", Owner(1234, RUN))
 
 
@@ -84,38 +84,30 @@ GOLDEN_X86_E1000 = """\
       <source mode="bind" path="/tmp/kt-x/agent.sock" />
       <target type="virtio" name="org.kmodtest.agent" />
     </channel>
-    <interface type="udp">
+    <interface type="server">
       <mac address="52:54:00:6b:00:01" />
-      <source address="127.0.0.1" port="40001">
-        <local address="127.0.0.1" port="40000" />
-      </source>
+      <source address="127.0.0.1" port="40000" />
       <model type="e1000" />
       <alias name="ua-lan" />
       <rom enabled="no" />
     </interface>
-    <interface type="udp">
+    <interface type="client">
       <mac address="52:54:00:6b:01:01" />
-      <source address="127.0.0.1" port="40000">
-        <local address="127.0.0.1" port="40001" />
-      </source>
+      <source address="127.0.0.1" port="40000" />
       <model type="e1000" />
       <alias name="ua-lan-client" />
       <rom enabled="no" />
     </interface>
-    <interface type="udp">
+    <interface type="server">
       <mac address="52:54:00:6b:00:02" />
-      <source address="127.0.0.1" port="40003">
-        <local address="127.0.0.1" port="40002" />
-      </source>
+      <source address="127.0.0.1" port="40001" />
       <model type="e1000" />
       <alias name="ua-wan" />
       <rom enabled="no" />
     </interface>
-    <interface type="udp">
+    <interface type="client">
       <mac address="52:54:00:6b:02:01" />
-      <source address="127.0.0.1" port="40002">
-        <local address="127.0.0.1" port="40003" />
-      </source>
+      <source address="127.0.0.1" port="40001" />
       <model type="e1000" />
       <alias name="ua-wan-server" />
       <rom enabled="no" />
@@ -131,16 +123,15 @@ def test_x86_e1000_golden():
     assert render(spec()) == GOLDEN_X86_E1000
 
 
-def test_links_are_crossed_pairs_like_the_dgram_sockets():
-    """Each unix socket path of the spec is one UDP port: a NIC's local is its peer's remote."""
+def test_each_link_is_one_tcp_connection_like_the_dgram_socket_pair():
+    """One end of each link listens (server), its peer connects (client): one port per link."""
     root = ET.fromstring(render(spec(nic="virtio-net-pci")))
     ifaces = root.findall("devices/interface")
     assert [i.find("model").get("type") for i in ifaces] == ["virtio"] * 4
-    ends = [
-        (int(i.find("source/local").get("port")), int(i.find("source").get("port"))) for i in ifaces
-    ]
-    assert ends[0] == ends[1][::-1] and ends[2] == ends[3][::-1]
-    assert len({p for pair in ends for p in pair}) == 4
+    assert [i.get("type") for i in ifaces] == ["server", "client"] * 2
+    ports = [i.find("source").get("port") for i in ifaces]
+    assert ports[0] == ports[1] and ports[2] == ports[3] and ports[0] != ports[2]
+    assert {i.find("source").get("address") for i in ifaces} == {"127.0.0.1"}
 
 
 def test_kvm_domain_uses_host_cpu():

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from kmodtest import processes
 from kmodtest.errors import MachineError
-from kmodtest.run.domainxml import Owner, domain_xml, socket_paths
+from kmodtest.run.domainxml import Owner, domain_xml, link_keys
 from kmodtest.run.machine import MachineSpec
-from kmodtest.run.udpports import PortLease
+from kmodtest.run.ports import PortLease
 
 if TYPE_CHECKING:
     import libvirt as libvirt_t
@@ -232,10 +232,10 @@ class LibvirtLauncher:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         name = domain_name(spec)
-        paths = socket_paths(spec)
+        links = link_keys(spec)
         for attempt in range(1, BIND_RETRIES + 1):
-            lease = PortLease.take(len(paths))
-            xml = domain_xml(spec, dict(zip(paths, lease.ports, strict=True)), name,
+            lease = PortLease.take(len(links))
+            xml = domain_xml(spec, dict(zip(links, lease.ports, strict=True)), name,
                              Owner(os.getpid(), spec.run_dir))  # fmt: skip
             (spec.log_dir / "domain.xml").write_text(xml)
             log.info("starting libvirt domain %s on %s", name, self.uri)
@@ -246,7 +246,7 @@ class LibvirtLauncher:
                 lease.release()
                 message = exc.get_error_message() or str(exc)
                 if "Address already in use" in message and attempt < BIND_RETRIES:
-                    log.info("a UDP port was taken before QEMU bound it; retrying")
+                    log.info("a link port was taken before QEMU bound it; retrying")
                     continue
                 _keep_domain_log(name, spec.log_dir)
                 raise MachineError(

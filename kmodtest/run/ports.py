@@ -1,4 +1,4 @@
-"""Loopback UDP ports for libvirt's ``<interface type='udp'>`` links, without collisions.
+"""Loopback TCP ports for libvirt's ``<interface type='server'/'client'>`` links, no collisions.
 
 QEMU binds the ports itself, so kmodtest cannot hold them open while it starts. Two things
 keep parallel runs (xdist workers, several checkouts, several users) apart instead:
@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOCK_DIR = Path(tempfile.gettempdir()) / "kmodtest-udp-ports"
+LOCK_DIR = Path(tempfile.gettempdir()) / "kmodtest-link-ports"
 
 
 def _lock_dir() -> Path:
@@ -45,7 +45,7 @@ class PortLease:
         held: list[socket.socket] = []  # keep ours bound until all are chosen: no duplicates
         try:
             while len(lease.ports) < count:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.bind((host, 0))
                 held.append(sock)
                 port = sock.getsockname()[1]
