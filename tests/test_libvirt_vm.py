@@ -117,7 +117,7 @@ def test_transient_domain_boots_routes_and_leaves_nothing(conn, libvirt_vm):
     assert_gone(conn, {name})
     assert (vm.spec.log_dir / "libvirt-domain.log").is_file()  # moved next to the console log
     assert (vm.spec.log_dir / "domain.xml").is_file()
-    from kmodtest.run.udpports import PortLease
+    from kmodtest.run.ports import PortLease
 
     again = PortLease.take(len(ports))  # released: the lock files are free again
     again.release()
