@@ -7,8 +7,8 @@ the nearest form that needs no root is used:
 - ``-netdev dgram`` over unix sockets has no libvirt form: each link becomes a TCP connection
   on 127.0.0.1, one end ``<interface type='server'>`` listening on the link's port (``ports``),
   the other ``type='client'``. A stream, like the unix datagram sockets, pushes back on a
-  sender whose peer is slow; ``<interface type='udp'>`` drops instead (measured: UDP
-  transfers through e1000 lost 10-90 % of their datagrams in the host's socket buffers);
+  sender whose peer is slow; ``<interface type='udp'>`` cannot. (UDP transfers through e1000
+  still arrive incomplete under this backend with either form: see README, open);
 - ``-no-reboot`` is ``on_reboot=destroy`` (a panicking guest with ``panic=-1`` is gone at once);
 - QEMU's ``-cpu max`` is ``<cpu mode='maximum'>`` under TCG, ``host-passthrough`` under KVM.
 
