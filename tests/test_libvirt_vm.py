@@ -207,7 +207,9 @@ def _interrupt(conn, pytester, repo, tmp_path, sig: int, workers: int) -> None:
             "-q", "-p", "no:cacheprovider"]  # fmt: skip
     if workers > 1:  # two VM cases (NIC models), one per worker, both booted at once
         args += ["-n", str(workers), "--nic", "virtio-net-pci,e1000"]
-    proc = pytester.popen(args, stdin=subprocess.DEVNULL)
+    # a shell starting us in the background ignores SIGINT, and Python keeps an ignored SIGINT
+    # ignored: give the inner pytest the default, so it gets its KeyboardInterrupt handler
+    proc = pytester.popen(args, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 600  # may include building the image once
         domains: dict[str, int] = {}
@@ -233,6 +235,10 @@ def _interrupt(conn, pytester, repo, tmp_path, sig: int, workers: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_sigint_mid_test_destroys_the_domain(conn, pytester, repo, inner_env, tmp_path):
