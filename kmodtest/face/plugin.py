@@ -148,9 +148,6 @@ def pytest_configure(config: pytest.Config) -> None:
     except KmodtestError as exc:
         raise pytest.UsageError(f"kmodtest: {exc}") from None
     if session is not None:
-        # SIGTERM unwinds like SIGINT in every process, the xdist controller included (it
-        # starts no VM itself, so nothing else would install the handler there)
-        processes.install_signal_handlers()
         config.stash[SESSION_KEY] = session
         config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
 
