@@ -98,7 +98,7 @@ def test_empty_directory(tmp_path):
 
 
 def test_append_reaches_the_kernel_command_line(tmp_path):
-    from kmodtest.guest.router import kernel_cmdline
+    from kmodtest.guest.boot import kernel_cmdline
 
     text = GOOD.replace("    default: true\n", "    default: true\n    append: e1000e.IntMode=1\n")
     a, b = load_matrix(write(tmp_path, text)).select("all")

@@ -1,8 +1,9 @@
 """The package's stages import only earlier stages and the shared leaves: no cycles.
 
-Order: leaves (``arches``, ``processes``, ``errors``, ``progress``) -> ``prepare`` -> ``run``
--> ``guest`` -> ``face``. A stage that needs something from a later one means that piece
-belongs in an earlier stage or a leaf.
+Order: leaves (``arches``, ``nics``, ``flowtable``, ``processes``, ``errors``, ``progress``)
+-> ``prepare`` -> ``run`` -> ``guest`` -> ``lifecycle`` -> ``face``. A stage that needs
+something from a later one means that piece belongs in an earlier stage or a leaf. Only
+``face`` knows pytest: the lifecycle serves the CLI as it serves the plugin.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import kmodtest
 
 PACKAGE = Path(kmodtest.__file__).parent
-STAGES = ("prepare", "run", "guest", "face")
+STAGES = ("prepare", "run", "guest", "lifecycle", "face")
 LEAVES = ("arches", "nics", "flowtable", "processes", "errors", "progress")
 
 
@@ -57,3 +58,18 @@ def test_leaves_are_known_modules():
         assert (PACKAGE / f"{leaf}.py").is_file(), leaf
     for stage in STAGES:
         assert (PACKAGE / stage / "__init__.py").is_file(), stage
+
+
+def test_only_the_face_imports_pytest():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "face":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] in ("pytest", "_pytest") for n in names):
+                bad.append(str(rel))
+    assert bad == [], f"pytest imported outside kmodtest/face: {bad}"

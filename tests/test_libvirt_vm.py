@@ -23,10 +23,12 @@ from kmodtest.errors import ChannelError, MachineError
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed (.ci/bootstrap)")
 
-from kmodtest.guest.router import RouterVM  # noqa: E402
+from kmodtest.guest.router import Router  # noqa: E402
+from kmodtest.lifecycle.case import VmCase  # noqa: E402
+from kmodtest.lifecycle.pool import RouterPool  # noqa: E402
 from kmodtest.prepare.cache import default_cache_dir  # noqa: E402
 from kmodtest.run.domainxml import METADATA_NS  # noqa: E402
-from kmodtest.run.libvirt_launcher import DEFAULT_URI, LibvirtLauncher  # noqa: E402
+from kmodtest.run.libvirt_launcher import DEFAULT_URI  # noqa: E402
 
 URI = os.environ.get("KMODTEST_LIBVIRT_URI", DEFAULT_URI)
 CACHE = default_cache_dir()  # inner pytest runs get another HOME: share the built images
@@ -93,26 +95,26 @@ def assert_gone(conn, names: set[str]) -> None:
 
 
 @pytest.fixture
-def libvirt_vm(conn, kmodtest_session, tmp_path) -> Iterator[RouterVM]:
+def libvirt_vm(conn, kmodtest_session, tmp_path) -> Iterator[Router]:
     cell = kmodtest_session.cells[0]
-    pool = kmodtest_session.pool
-    pool.stop_current()  # one VM at a time on this machine
-    machine = RouterVM.create(
-        cell, pool.image(cell), cell.spec.nics[0], tmp_path / "logs", pool.accel_for(cell).accel,
-        launcher=LibvirtLauncher(URI),
-    )  # fmt: skip
-    yield machine.start()
-    machine.stop()
+    kmodtest_session.pool.stop_current()  # one VM at a time on this machine
+    pool = RouterPool(
+        kmodtest_session.pool.images, tmp_path / "logs", backend="libvirt", libvirt_uri=URI
+    )
+    try:
+        yield pool.acquire(VmCase(cell, cell.spec.nics[0]))
+    finally:
+        pool.close()
 
 
 def test_transient_domain_boots_routes_and_leaves_nothing(conn, libvirt_vm):
     vm = libvirt_vm
-    dom = conn.lookupByName(vm.qemu.name)
+    dom = conn.lookupByName(vm.vm.machine.name)
     assert dom.isActive() and not dom.isPersistent(), "not a transient domain"
     out = vm.check("ip netns exec client ping -c 1 -W 5 198.51.100.2")
     assert "1 packets received" in out
-    ports = vm.qemu.lease.ports
-    name = vm.qemu.name
+    ports = vm.vm.machine.lease.ports
+    name = vm.vm.machine.name
     vm.stop()
     assert_gone(conn, {name})
     assert (vm.spec.log_dir / "libvirt-domain.log").is_file()  # moved next to the console log
@@ -121,20 +123,20 @@ def test_transient_domain_boots_routes_and_leaves_nothing(conn, libvirt_vm):
 
     again = PortLease.take(len(ports))  # released: the lock files are free again
     again.release()
-    assert vm.qemu.stop() is None  # idempotent
+    assert vm.vm.machine.stop() is None  # idempotent
 
 
 def test_guest_panic_ends_the_domain_and_says_why(conn, libvirt_vm):
     vm = libvirt_vm
-    name = vm.qemu.name
+    name = vm.vm.machine.name
     with pytest.raises((ChannelError, MachineError)):  # the channel dies with the guest
         vm.run("echo c > /proc/sysrq-trigger; sleep 30", timeout=60)
     deadline = time.monotonic() + 30
-    while vm.qemu.alive and time.monotonic() < deadline:
+    while vm.vm.machine.alive and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not vm.qemu.alive, "the domain outlived its kernel panic"
-    assert "shut down or rebooted" in vm.qemu.stderr_text() or "destroyed" in (
-        vm.qemu.stderr_text()
+    assert not vm.vm.machine.alive, "the domain outlived its kernel panic"
+    assert "shut down or rebooted" in vm.vm.machine.stderr_text() or "destroyed" in (
+        vm.vm.machine.stderr_text()
     )
     vm.stop()
     assert_gone(conn, {name})

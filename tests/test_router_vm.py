@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 
 import pytest
 
-from kmodtest.errors import CommandTimeout
+from kmodtest.errors import CommandTimeout, MachineError
+from kmodtest.guest.boot import BOOT_TIMEOUT
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.strategy import CaseStrategy, State
+from kmodtest.run import qemu
+from kmodtest.run.launcher import QemuLauncher
 
 
 def test_testinfra_modules_work_over_the_agent(host):
@@ -53,41 +59,69 @@ def test_client_reaches_server_through_the_router(router):
     assert "1 packets received" in out
 
 
-def test_boot_without_agent_port_fails_at_once_with_the_reason(
+class CountingLauncher(QemuLauncher):
+    """The real QEMU launcher, counting its launches."""
+
+    def __init__(self) -> None:
+        self.machines = []
+
+    def start(self, spec):
+        self.machines.append(super().start(spec))
+        return self.machines[-1]
+
+
+def test_boot_without_agent_port_fails_at_once_then_the_case_fails_fast(
     kmodtest_session, monkeypatch, tmp_path
 ):
-    """/init finds no agent port: the boot fails on its console message, not the timeout."""
-    from kmodtest.errors import MachineError
-    from kmodtest.guest.router import BOOT_TIMEOUT, RouterVM
-    from kmodtest.run import qemu
-
+    """/init finds no agent port: the boot fails on its console message, not the timeout; the
+    case is then broken, and asking again fails at once with that reason, booting nothing."""
     monkeypatch.setattr(qemu, "AGENT_PORT_NAME", "org.kmodtest.elsewhere")
     cell = kmodtest_session.cells[0]
+    launcher = CountingLauncher()
     pool = kmodtest_session.pool
-    vm = RouterVM.create(
-        cell, pool.image(cell), cell.spec.nics[0], tmp_path / "logs", pool.accel_for(cell).accel
-    )
+    strategy = CaseStrategy(
+        VmCase(cell, cell.spec.nics[0]), pool.images, launcher, pool.accel_for(cell).accel,
+        log_dir=lambda: tmp_path / "logs",
+    )  # fmt: skip
     start = time.monotonic()
     with pytest.raises(MachineError, match=r"no virtio-serial port named org\.kmodtest\.agent"):
-        vm.start()
+        strategy.ready()
     assert time.monotonic() - start < BOOT_TIMEOUT, "waited out the boot timeout"
-    assert not vm.alive, "QEMU left running"
+    assert strategy.state is State.BROKEN and len(launcher.machines) == 1
+    [machine] = launcher.machines
+    assert not machine.alive, "QEMU left running"
+    assert not machine.spec.run_dir.exists(), "run directory left behind"
+
+    with pytest.raises(MachineError, match=r"(?s)no virtio-serial port.*failed earlier"):
+        strategy.ready()
+    assert len(launcher.machines) == 1, "a broken case was booted again"
+
+
+class MissingBinaryLauncher(QemuLauncher):
+    """QEMU's launcher asked for a binary that is not installed; it records what it got."""
+
+    def __init__(self) -> None:
+        self.specs = []
+        self.modes = []
+
+    def start(self, spec):
+        self.specs.append(spec)
+        self.modes.append(spec.run_dir.stat().st_mode & 0o777)
+        missing = dataclasses.replace(spec.arch, qemu_binary="qemu-system-kt-missing")
+        return super().start(dataclasses.replace(spec, arch=missing))
 
 
 def test_failed_launch_leaves_no_run_directory(kmodtest_session, tmp_path):
     """QEMU cannot even start (its binary is missing): the per-VM socket dir is removed."""
-    import dataclasses
-
-    from kmodtest.errors import MachineError
-    from kmodtest.guest.router import RouterVM
-
     cell = kmodtest_session.cells[0]
     pool = kmodtest_session.pool
-    vm = RouterVM.create(cell, pool.image(cell), cell.spec.nics[0], tmp_path / "logs")
-    missing = dataclasses.replace(vm.spec.arch, qemu_binary="qemu-system-kt-missing")
-    vm.spec = dataclasses.replace(vm.spec, arch=missing)
-    assert vm.spec.run_dir.is_dir()
-    assert vm.spec.run_dir.stat().st_mode & 0o777 == 0o700  # sockets: private to us
+    launcher = MissingBinaryLauncher()
+    strategy = CaseStrategy(
+        VmCase(cell, cell.spec.nics[0]), pool.images, launcher, "tcg",
+        log_dir=lambda: tmp_path / "logs",
+    )  # fmt: skip
     with pytest.raises(MachineError, match="qemu-system-kt-missing is not installed"):
-        vm.start()
-    assert not vm.spec.run_dir.exists(), "the run directory outlived the failed launch"
+        strategy.ready()
+    [spec] = launcher.specs
+    assert launcher.modes == [0o700]  # sockets: private to us
+    assert not spec.run_dir.exists(), "the run directory outlived the failed launch"

@@ -14,12 +14,12 @@ from kmodtest.guest.rulesets import (
     PathSample,
     apply_and_sample,
     remove_flowtable_batch,
-    router_ruleset,
     sample_paths,
     slowpath_meter_ruleset,
 )
 
-pytestmark = pytest.mark.per_nic
+# every test here starts with the offload ruleset loaded (fixtures/router.py)
+pytestmark = [pytest.mark.per_nic, pytest.mark.usefixtures("offload_ruleset")]
 
 NBYTES = 2_000_000
 CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
@@ -41,13 +41,6 @@ CLOSING_STATE_CHANGE = "netfilter: flowtable: add CLOSING state (Linux 6.14)"
 # the flowtable timeout during those tests: long enough that the flow cannot idle out before the
 # close (the host needs a few round trips), short enough not to wait the default 30 s after it
 FLOW_TIMEOUT_AT_CLOSE = 10
-
-
-@pytest.fixture
-def nft(host) -> Nft:
-    applied = Nft(host).apply(router_ruleset())
-    assert applied.rc == 0, applied.stderr
-    return Nft(host)
 
 
 def _offloaded(host, t: traffic.Transfer) -> ct.Entry:

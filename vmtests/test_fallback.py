@@ -20,11 +20,6 @@ NBYTES = 2_000_000
 FLOWTABLE_MODULES = tuple(reversed(flowtable.MODULES))  # users first, as rmmod needs them
 
 
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
-
-
 def _loaded(host) -> list[str]:
     return [m for m in FLOWTABLE_MODULES if host.file(f"/sys/module/{m}").exists]
 

@@ -3,17 +3,9 @@ flowtables are created, listed, deleted, and refused where the kernel must refus
 
 from __future__ import annotations
 
-import pytest
-
 from kmodtest.flowtable import MODULES as OFFLOAD_MODULES
-from kmodtest.guest.nft import Nft
 
 ROUTER_NICS = ("lan", "wan")
-
-
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
 
 
 def flowtable_rules(name: str = "ft", devices: tuple[str, ...] = ROUTER_NICS, prio: int = 0) -> str:

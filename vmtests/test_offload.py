@@ -12,17 +12,11 @@ import pytest
 
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic
-from kmodtest.guest.nft import Nft
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
 
 pytestmark = pytest.mark.per_nic
 
 NBYTES = 2_000_000  # ~1400 full-size segments a way: the 1/20 criterion is unambiguous
-
-
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
 
 
 @pytest.mark.parametrize("nat", [False, True], ids=["routed", "masquerade"])

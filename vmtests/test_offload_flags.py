@@ -12,7 +12,6 @@ import pytest
 
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic
-from kmodtest.guest.nft import Nft
 from kmodtest.guest.rulesets import (
     HW_PROBE_TABLE,
     check,
@@ -28,11 +27,6 @@ NBYTES = 2_000_000
 EOPNOTSUPP = "Operation not supported"
 # guest drivers that bind flowtables in hardware (ndo_setup_tc TC_SETUP_FT)
 HW_OFFLOAD_DRIVERS = {"mlx5_core", "mtk_eth_soc"}
-
-
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
 
 
 def emulated_only(router) -> None:

@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kmodtest.face.options import Settings
-from kmodtest.face.session import RouterPool, VmCase
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.images import Images
+from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
@@ -54,19 +56,20 @@ def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, tab
     accel = choose_accel(cell.arch, settings.accel)
     row("accelerator", f"{accel.accel} ({accel.reason})")
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-logs-") as logs:
-        pool = RouterPool(builder, Path(logs), accel=accel.accel, backend=settings.backend,
-                          libvirt_uri=settings.libvirt_uri)  # fmt: skip
+        pool = RouterPool(Images(builder), Path(logs), accel=accel.accel,
+                          backend=settings.backend, libvirt_uri=settings.libvirt_uri)  # fmt: skip
         row("backend", pool.backend_for(cell))
         case = VmCase(cell, cell.spec.nics[0])
         try:
             boots, setups = [], []
             for _ in range(args.boots):
                 pool.stop_current()
-                setups.append(_timed(lambda: pool.acquire(case)))
-                assert pool.current is not None
-                boots.append(pool.current.boot_seconds)
-            vm = pool.current
-            assert vm is not None
+                start = time.perf_counter()
+                router = pool.acquire(case)
+                setups.append(time.perf_counter() - start)
+                boots.append(router.boot_seconds)
+                pool.end_test(case)
+            vm = pool.acquire(case)
             row(f"boot to first command (median of {len(boots)})",
                 f"{statistics.median(boots):.2f} s", "<= 2.5 s")  # fmt: skip
             row("boot + network setup (median)", f"{statistics.median(setups):.2f} s")
@@ -79,12 +82,12 @@ def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, tab
             resets = [_timed(vm.reset) for _ in range(args.resets)]
             row(f"reset, median of {len(resets)}", f"{statistics.median(resets):.3f} s", "<= 0.3 s")
 
-            def reuse() -> None:  # what the router fixture does around each test
-                again = pool.acquire(case)
-                assert again.watch is not None
-                again.watch.mark()
-                again.health()
-                pool.release(again)
+            pool.end_test(case)
+
+            def reuse() -> None:  # what the fixtures do around each test: reset, health window
+                pool.acquire(case)
+                pool.end_test(case)
+                pool.release(case)
 
             overhead = [_timed(reuse) for _ in range(args.resets)]
             row("per-test overhead with VM reuse (median)", f"{statistics.median(overhead):.3f} s")

@@ -28,11 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kmodtest.face.options import Settings
-from kmodtest.face.session import RouterPool, VmCase, case_nics, wanted_nics
 from kmodtest.guest import traffic
 from kmodtest.guest.nft import Nft
-from kmodtest.guest.router import RouterVM
+from kmodtest.guest.router import Router
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
+from kmodtest.lifecycle.case import VmCase, case_nics, wanted_nics
+from kmodtest.lifecycle.images import Images
+from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.run.accel import choose_accel
@@ -44,9 +46,8 @@ BULK_PORT = 5999
 
 
 @contextmanager
-def bulk(vm: RouterVM, seconds: float) -> Iterator[None]:
+def bulk(vm: Router, seconds: float) -> Iterator[None]:
     """A TCP stream from /dev/zero, client -> server, for at most ``seconds`` (no files)."""
-    assert vm.host is not None
     server = vm.topology.server.address(4)
     cli, srv = vm.topology.client.netns, vm.topology.server.netns
     vm.host.check_output(
@@ -74,9 +75,8 @@ class PathFigures:
     rtt_idle_ms: float
 
 
-def ping_rtts(vm: RouterVM, count: int, interval: float) -> list[float]:
+def ping_rtts(vm: Router, count: int, interval: float) -> list[float]:
     """RTTs (ms) of ``count`` pings client -> server, one every ``interval`` s."""
-    assert vm.host is not None
     server = vm.topology.server.address(4)
     ns = vm.topology.client.netns
     out = vm.host.run(
@@ -89,8 +89,7 @@ def ping_rtts(vm: RouterVM, count: int, interval: float) -> list[float]:
     return rtts
 
 
-def measure(vm: RouterVM, offload: bool, nbytes: int, pings: int) -> PathFigures:
-    assert vm.host is not None
+def measure(vm: Router, offload: bool, nbytes: int, pings: int) -> PathFigures:
     vm.reset()
     applied = Nft(vm.host).apply(router_ruleset(flow_add=offload))
     if applied.rc != 0:
@@ -128,7 +127,7 @@ def run_bench_offload(args: argparse.Namespace, cells: list[Cell], builder: Imag
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-offload-") as logs:
         for cell in cells:
             accel = choose_accel(cell.arch, Settings.from_args(args).accel)
-            pool = RouterPool(builder, Path(logs), accel=accel.accel)
+            pool = RouterPool(Images(builder), Path(logs), accel=accel.accel)
             try:
                 vm = pool.acquire(VmCase(cell, case_nics(cell, wanted_nics(args.nic))[0]))
                 console.print(f"{cell.id}: kernel {vm.image.kernel_version}, {accel.accel}")

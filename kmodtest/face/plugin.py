@@ -1,33 +1,33 @@
-"""The kmodtest pytest plugin: options, matrix parametrization, kernel health, failure reports.
+"""The kmodtest pytest plugin (entry point ``pytest11``): options, markers, fixtures, matrix
+parametrization, kernel health in test reports, xdist scheduling, the run's verdict.
 
-Fixtures themselves live in ``fixtures/`` and stay thin; everything they compose is here or
-below. Options are validated in ``pytest_configure`` so bad input fails before collection.
+Installed with the package, it needs no conftest: a project's ``test_x.py`` that asks for
+``router`` or ``host`` runs on the default cell of ``./kernels`` (or of the matrix kmodtest
+ships). Options are validated in ``pytest_configure`` so bad input fails before collection;
+outside a kmodtest tree the plugin stays out of the way until a test asks for a router.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from kmodtest import processes
-from kmodtest.errors import ConfigError, KmodtestError
-from kmodtest.face import options, patching
+from kmodtest.errors import ConfigError, KmodtestError, MachineError
+from kmodtest.face import fixtures, options, patching
+from kmodtest.face.fixtures import ROUTER_KEY, SESSION_KEY, HostAlias
 from kmodtest.face.options import Settings
 from kmodtest.face.scheduling import make_scheduler
-from kmodtest.face.session import (
-    KmodtestSession,
-    RouterPool,
-    VmCase,
-    case_nics,
-    wanted_nics,
-)
+from kmodtest.face.session import KmodtestSession
 from kmodtest.guest.health import tail
+from kmodtest.lifecycle.case import VmCase, case_nics, wanted_nics
+from kmodtest.lifecycle.images import Images
+from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import (
     PASSTHROUGH_NIC,
@@ -43,64 +43,66 @@ from kmodtest.run.devices import missing_nic
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 from kmodtest.run.passthrough import missing_prerequisites
 
-SESSION_KEY = pytest.StashKey[KmodtestSession]()
 CASE_ARG = "vm_case"
+VM_MARK = "kmodtest_vm"
+MARKERS = {
+    VM_MARK: "the test runs on a booted router VM (added by kmodtest to every such test)",
+    "per_nic": "run once per NIC model of the cell instead of once per kernel",
+}
+HOST_INI = "kmodtest_host_fixture"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     options.add_to_pytest(parser)
     patching.add_options(parser.getgroup("kmodtest"))
+    parser.addini(
+        HOST_INI,
+        "give tests kmodtest's `host` (the router's testinfra Host); false keeps testinfra's",
+        type="bool",
+        default=True,
+    )
 
 
 def _worker() -> str:
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
-def _make_session(config: pytest.Config) -> KmodtestSession | None:
-    settings = Settings.from_pytest(config)
-    asked = settings.given & {"kernel", "arch", "nic", "kernels_dir"}
-    tree = (config.rootpath / "kernels").is_dir()
-    if not asked and not config.getoption("kernel_image") and not tree:
-        return None  # not a kmodtest tree and no kmodtest option: stay out of the way
-    images_dir = settings.images_dir
+def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     matrix = load_matrix(settings.kernels_dir)
     if ports := passthrough_option(settings.passthrough):  # before --nic selects
         matrix = Matrix(tuple(cell.with_passthrough(ports) for cell in matrix.cells))
-    kernel_opt = settings.kernel
-    cells = patching.adhoc_cells(config) or matrix.select(kernel_opt, settings.arch, settings.nic)
+    cells = patching.adhoc_cells(config) or matrix.select(
+        settings.kernel, settings.arch, settings.nic
+    )
     for cell in cells:  # a malformed recipe fails now, not at the first test
-        load_recipe(images_dir, cell.spec.image)
+        load_recipe(settings.images_dir, cell.spec.image)
     cache = Cache(settings.image_cache)
     # one directory per run and worker: concurrent runs in one checkout never share logs
     run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{_worker()}-{os.getpid()}"
     log_root = settings.log_dir / run_name
     quiet = _worker() != "main"
-    builder = ImageBuilder(cache, images_dir, Progress(quiet=quiet))
+    images = Images(
+        ImageBuilder(cache, settings.images_dir, Progress(quiet=quiet)),
+        refresh=settings.refresh_images,
+        overlay=patching.overlay_builder(config, cache, quiet, log_root),  # --module-patch
+    )
     pool = RouterPool(
-        builder,
-        log_root,
-        accel=settings.accel,
-        icount=settings.icount,
-        backend=settings.backend,
-        libvirt_uri=settings.libvirt_uri,
-        refresh_images=settings.refresh_images,
-    )
-    pool.overlay = patching.overlay_builder(config, cache, quiet, log_root)  # --module-patch
-    session = KmodtestSession(
-        matrix, cells, bool(kernel_opt), cache, pool, log_root, settings.keep_logs
-    )
+        images, log_root, accel=settings.accel, icount=settings.icount,
+        backend=settings.backend, libvirt_uri=settings.libvirt_uri,
+    )  # fmt: skip
+    session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs)
+    broad = settings.kernel == "all"  # a missing QEMU skips; for named or default cells it fails
     for cell in cells:
-        if not shutil.which(cell.arch.qemu_binary):
-            why = (
-                f"{cell.arch.qemu_binary} is not installed; "
-                f"fix: apt-get install {cell.arch.qemu_package} (or bash .ci/bootstrap)"
-            )
-            if session.explicit and kernel_opt != "all":
-                raise KmodtestError(f"cell {cell.id}: {why}")
-            session.skips[cell.id] = why
+        arch = cell.arch
+        try:
+            processes.require_tool(arch.qemu_binary, arch.qemu_package, error=MachineError)
+        except MachineError as exc:
+            if not broad:
+                raise KmodtestError(f"cell {cell.id}: {exc.problem}", exc.fix) from None
+            session.skips[cell.id] = f"{exc.problem}; fix: {exc.fix}"
             continue
         if why := unbuilt_local_kernel(cell):  # the debug cell before its build
-            if session.explicit and kernel_opt != "all":
+            if not broad:
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
             continue
@@ -116,7 +118,7 @@ def _make_session(config: pytest.Config) -> KmodtestSession | None:
     for cell in cells:  # an unreachable libvirtd fails now, naming the fix
         if cell.id not in session.skips and pool.backend_for(cell) == "libvirt":
             pool.launcher_for(cell).check()
-    if pool.overlay is not None:  # cells the module loop cannot build for (cross arches)
+    if images.overlay is not None:  # cells the module loop cannot build for (cross arches)
         session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
 
@@ -141,15 +143,40 @@ def passthrough_option(value: str | None) -> PassthroughSpec | None:
         ) from None
 
 
+def session_of(config: pytest.Config) -> KmodtestSession:
+    """The run's session, made on first need (a project without kernels/ gets the packaged
+    matrix the moment a test asks for a router)."""
+    if SESSION_KEY not in config.stash:
+        try:
+            config.stash[SESSION_KEY] = _make_session(config, Settings.from_pytest(config))
+        except KmodtestError as exc:
+            raise pytest.UsageError(f"kmodtest: {exc}") from None
+    return config.stash[SESSION_KEY]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     processes.install_signal_handlers()  # before any build or boot: an interrupt always stops
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    config.pluginmanager.register(RunVerdict(config), RunVerdict.NAME)
+    # registered now, after every entry-point plugin: see HostAlias for why that matters
+    config.pluginmanager.register(fixtures, "kmodtest-fixtures")
+    if config.getini(HOST_INI):
+        if getattr(config.option, "hosts", None):
+            raise pytest.UsageError(
+                "kmodtest: --hosts selects testinfra's `host`, but kmodtest's `host` (the "
+                f"router) replaces it here; set `{HOST_INI} = false` in your pytest ini and "
+                "use `router_host` for the router"
+            )
+        config.pluginmanager.register(HostAlias(), HostAlias.NAME)
+    config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
     try:
-        session = _make_session(config)
+        settings = Settings.from_pytest(config)
     except KmodtestError as exc:
         raise pytest.UsageError(f"kmodtest: {exc}") from None
-    if session is not None:
-        config.stash[SESSION_KEY] = session
-        config.pluginmanager.register(patching.ModuleLoadReporter(), "kmodtest-modload")
+    asked = settings.given & {"kernel", "arch", "nic", "kernels_dir"}
+    if asked or config.getoption("kernel_image") or (config.rootpath / "kernels").is_dir():
+        session_of(config)  # a kmodtest tree: bad input fails now, before collection
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -173,7 +200,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     )
     for cell in session.cells:
         try:
-            image = session.pool.builder.cached(cell)
+            image = session.pool.images.builder.cached(cell)
         except KmodtestError:
             image = None
         version = image.kernel_version if image else "(image not built yet)"
@@ -194,12 +221,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if CASE_ARG not in metafunc.fixturenames:
         return
-    session = metafunc.config.stash.get(SESSION_KEY, None)
-    if session is None:
+    if "host" in metafunc.fixturenames and hasattr(metafunc.module, "testinfra_hosts"):
         raise pytest.UsageError(
-            f"kmodtest: {metafunc.function.__name__} needs a router VM but no kernels/ "
-            "directory was found; pass --kernels-dir DIR"
+            f"kmodtest: {metafunc.module.__name__} sets testinfra_hosts, but `host` is "
+            f"kmodtest's router there; set `{HOST_INI} = false` and use `router_host`"
         )
+    session = session_of(metafunc.config)
     per_nic = metafunc.definition.get_closest_marker("per_nic") is not None
     wanted = wanted_nics(metafunc.config.getoption("nic"))
     params = []
@@ -213,21 +240,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(CASE_ARG, params, scope="session")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and CASE_ARG in callspec.params:
+            item.add_marker(VM_MARK)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    vm = getattr(item, "funcargs", {}).get("router")
-    if vm is None or report.when not in ("call", "setup"):
+    held = item.stash.get(ROUTER_KEY, None)
+    if held is None or report.when not in ("call", "setup"):
         return
+    session, case, vm = held
     if report.when == "call":
-        problem = vm.health()
+        # the reset after the test, and the console window of test and reset, belong to it
+        problem = session.pool.end_test(case)
         if problem is not None:
-            vm.tainted = f"kernel health: {problem.pattern}"
             report.outcome = "failed"
             report.longrepr = (
-                f"kmodtest: the kernel reported a problem during this test "
-                f"(the VM will be replaced)\n{problem}\nconsole log: {vm.console_log}"
+                f"kmodtest: the kernel reported a problem during this test or the reset after "
+                f"it (the VM will be replaced)\n{problem}\nconsole log: {vm.console_log}"
             )
     if report.failed:
         report.sections.append(
@@ -235,15 +270,83 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         )
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    state = terminalreporter.config.stash.get(SESSION_KEY, None)
-    if state is not None and state.pool.booted:
-        terminalreporter.section("kmodtest VMs")
-        for line in state.pool.booted:
-            terminalreporter.write_line(line)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, None, None]:
+    """After the last test of a VM case (here: on this worker), its lab stops, and what its
+    console said last is that test's: a teardown error, not a line nobody reads."""
+    yield
+    held = item.stash.get(ROUTER_KEY, None)
+    if held is None or (nextitem is not None and _case_of(nextitem) in (None, held[1].key)):
+        return  # no router, or the next test reuses it (or needs none)
+    session, case, vm = held
+    if problem := session.pool.finish_case(case):
+        raise pytest.fail.Exception(
+            f"kmodtest: the kernel reported a problem after this test, when its VM stopped\n"
+            f"{problem}\nconsole log: {vm.console_log}",
+            pytrace=False,
+        )
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = session.config.stash.get(SESSION_KEY, None)
-    if state is not None:
-        state.finish(failed=exitstatus not in (0, 5) or session.testsfailed > 0)
+def _case_of(item: pytest.Item | None) -> tuple[str, str] | None:
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get(CASE_ARG) if callspec is not None else None
+    return case.key if case is not None else None
+
+
+class RunVerdict:
+    """What the run proved: VM tests that ran or were skipped, and kernel problems found
+    outside any test (xdist workers send theirs to the controller). A run in which every VM
+    test was skipped, or a kernel problem was found, fails loudly."""
+
+    NAME = "kmodtest-verdict"
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.ran = 0
+        self.skipped = 0
+        self.problems: list[str] = []
+
+    @property
+    def nothing_tested(self) -> bool:
+        return self.skipped > 0 and self.ran == 0
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if VM_MARK not in report.keywords:
+            return
+        if report.when == "call" or (report.when == "setup" and report.failed):
+            self.ran += 1
+        elif report.when == "setup" and report.skipped:
+            self.skipped += 1
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        self.problems += getattr(node, "workeroutput", {}).get("kmodtest_problems", [])
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        state = self.config.stash.get(SESSION_KEY, None)
+        if state is not None:  # exit 5 (nothing collected) keeps the logs too
+            self.problems += state.finish(failed=exitstatus != 0 or session.testsfailed > 0)
+        if hasattr(self.config, "workeroutput"):  # an xdist worker: the controller reports
+            self.config.workeroutput["kmodtest_problems"] = self.problems
+        elif self.problems or self.nothing_tested:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        state = self.config.stash.get(SESSION_KEY, None)
+        if state is not None and state.pool.booted:
+            terminalreporter.section("kmodtest VMs")
+            for line in state.pool.booted:
+                terminalreporter.write_line(line)
+        for problem in self.problems:
+            terminalreporter.section("kmodtest: kernel problem outside any test", red=True)
+            terminalreporter.write_line(problem)
+        if self.nothing_tested:
+            terminalreporter.section("kmodtest: nothing was tested", red=True)
+            terminalreporter.write_line(
+                f"all {self.skipped} VM tests were skipped (the reasons: pytest -rs): this run "
+                "proves nothing about the kernel, so it fails",
+                red=True,
+                bold=True,
+            )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kmodtest.face.session import case_nics
+from kmodtest.lifecycle.case import case_nics
 from kmodtest.prepare.cells import Cell
 
 

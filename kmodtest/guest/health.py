@@ -1,8 +1,17 @@
-"""Kernel health: find oopses, WARNs and panics in the console log, test by test."""
+"""Kernel health: find oopses, WARNs and panics in a console log, every byte exactly once.
+
+A :class:`ConsoleWatch` remembers how far the log has been scanned; each :meth:`~ConsoleWatch.scan`
+covers what arrived since the previous one, so consecutive scans cut the log into windows
+that neither overlap nor leave gaps. The lifecycle ends a window at a sync line the guest
+writes to ``/dev/kmsg`` (:func:`sync_command`): everything the kernel logged before it, e.g.
+during the reset after a test, is then on the console and lands in that test's window.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +29,8 @@ PATTERNS = (
     "suspected memory leak",  # kmemleak (see Kmemleak: its scan is read, not the console)
 )
 _BAD = re.compile("|".join(re.escape(p) for p in PATTERNS))
+SYNC_PREFIX = "kmodtest: console sync"
+_sync_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -31,38 +42,57 @@ class HealthProblem:
         return f"kernel reported {self.pattern!r}:\n{self.excerpt}"
 
 
+def sync_command() -> tuple[str, str]:
+    """(guest command, console line): the line reaches the console after all earlier output.
+
+    ``<4>`` is KERN_WARNING, printed at the ``loglevel=5`` the guests boot with.
+    """
+    line = f"{SYNC_PREFIX} {next(_sync_ids)}"
+    return f"echo '<4>{line}' >/dev/kmsg", line
+
+
 class ConsoleWatch:
-    """Reads a growing console log from a mark; ``scan()`` returns the first problem since."""
+    """A growing console log, scanned window by window; ``scanned`` bytes are behind us."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.offset = 0
+        self.scanned = 0
 
-    def _read_from(self, offset: int) -> str:
+    def _read(self, offset: int = 0) -> bytes:
         try:
             with open(self.path, "rb") as handle:
                 handle.seek(offset)
-                return handle.read().decode(errors="replace")
+                return handle.read()
         except FileNotFoundError:
-            return ""
+            return b""
 
-    def mark(self) -> None:
-        """Start attributing console output to the next test from here."""
-        try:
-            self.offset = self.path.stat().st_size
-        except FileNotFoundError:
-            self.offset = 0
+    def wait_for(self, line: str, timeout: float = 30.0) -> bool:
+        """Wait until ``line`` is in the unscanned part of the log (False: not in time)."""
+        deadline = time.monotonic() + timeout
+        needle = line.encode()
+        while needle not in self._read(self.scanned):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
-    def scan(self, context_lines: int = 30) -> HealthProblem | None:
-        text = self._read_from(self.offset)
-        lines = text.splitlines()
-        for index, line in enumerate(lines):
-            match = _BAD.search(line)
-            if match:
-                start = max(0, index - 3)
-                excerpt = "\n".join(lines[start : index + context_lines])
-                return HealthProblem(match.group(0), excerpt)
-        return None
+    def scan(self, final: bool = False, context_lines: int = 30) -> HealthProblem | None:
+        """The first problem since the last scan. Only whole lines are taken (a line still
+        being written belongs to the next window) unless ``final``: the machine is gone."""
+        data = self._read(self.scanned)
+        if not final:
+            data = data[: data.rfind(b"\n") + 1]
+        start = self.scanned
+        self.scanned += len(data)
+        text = data.decode(errors="replace")
+        match = _BAD.search(text)
+        if match is None:
+            return None
+        # the excerpt may reach past the window: the rest of a splat is context, not a new one
+        lines = self._read(start).decode(errors="replace").splitlines()
+        index = text.count("\n", 0, match.start())
+        excerpt = "\n".join(lines[max(0, index - 3) : index + context_lines])
+        return HealthProblem(match.group(0), excerpt)
 
 
 def tail(path: Path, lines: int = 25) -> str:

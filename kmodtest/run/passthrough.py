@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodtest.errors import KmodtestError
+
 NETWORK_CLASS = 0x02  # PCI base class "network controller"
 BRIDGE_CLASS = 0x0604
 HARMLESS_DRIVERS = {None, "vfio-pci", "pci-stub", "pcieport"}
@@ -148,6 +150,10 @@ def host_driver(device: PciDevice) -> str | None:
     except OSError:
         return None
     return next((m for m in out if m not in ("vfio_pci", "pci_stub")), None)
+
+
+class PassthroughUnavailable(KmodtestError):
+    """A passthrough case cannot run here; the router fixture turns this into a skip."""
 
 
 def missing_guest_driver(

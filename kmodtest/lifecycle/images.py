@@ -1,0 +1,38 @@
+"""Each cell's image for this run: built or found once, layered once, and never retried."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kmodtest.errors import KmodtestError
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import Image, ImageBuilder
+
+
+def failed_before(exc: KmodtestError, what: str) -> KmodtestError:
+    """The same error again, saying it is a repeat: a run fails fast, once per cause."""
+    again = type(exc)(f"{exc.problem}\n(this {what} failed earlier in this run)", exc.fix)
+    return again
+
+
+@dataclass
+class Images:
+    builder: ImageBuilder
+    refresh: bool = False  # re-resolve package versions (once per cell and run)
+    # a layer over each base image (--module-patch): (cell, base image) -> layered image
+    overlay: Callable[[Cell, Image], Image] | None = None
+    built: dict[str, Image] = field(default_factory=dict)
+    failed: dict[str, KmodtestError] = field(default_factory=dict)
+
+    def image(self, cell: Cell) -> Image:
+        if cell.id in self.failed:
+            raise failed_before(self.failed[cell.id], f"image of {cell.id}")
+        if cell.id not in self.built:
+            try:
+                image = self.builder.get(cell, refresh=self.refresh)
+                self.built[cell.id] = self.overlay(cell, image) if self.overlay else image
+            except KmodtestError as exc:
+                self.failed[cell.id] = exc
+                raise
+        return self.built[cell.id]

@@ -1,0 +1,68 @@
+"""What a VM case boots: which guests, from which images, how each boots, how the network is set.
+
+One plan per kind of kernel source. Debian packages and a user's own kernel boot as a Debian
+router holding the client and server namespaces in one VM. An OpenWrt release (a disk image
+that boots its own way, configured with uci) is another entry in :data:`PLANS`, with a second
+node, the endpoints VM, wired to the router's LAN and WAN; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodtest.guest.boot import Boot, DirectBoot
+from kmodtest.guest.router import ROUTER, Network, OneVmNetwork
+from kmodtest.guest.topology import Topology
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.images import Images
+from kmodtest.prepare.cells import PASSTHROUGH_NIC, Cell
+from kmodtest.prepare.images import Image
+from kmodtest.run.machine import Nic
+from kmodtest.run.passthrough import PassthroughUnavailable, missing_guest_driver
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One guest of a lab: its role, what it boots and how, and its NICs (given a run dir)."""
+
+    role: str
+    cell: Cell  # arch, machine, cpu, memory, kernel command line
+    image: Image
+    boot: Boot
+    nics: Callable[[Path], tuple[Nic, ...]]
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    nodes: tuple[NodePlan, ...]
+    network: Network
+
+    @property
+    def router(self) -> NodePlan:
+        return next(n for n in self.nodes if n.role == ROUTER)
+
+
+def debian_router(case: VmCase, images: Images) -> LabPlan:
+    """The default lab: a Debian router with the client and server namespaces, in one VM."""
+    image = images.image(case.cell)
+    ports = case.cell.spec.passthrough.by_port() if case.cell.spec.passthrough else {}
+    if case.nic == PASSTHROUGH_NIC and ports:
+        modules = image.manifest["modules"] + image.manifest.get("modules_builtin", [])
+        if why := missing_guest_driver(ports, modules):
+            raise PassthroughUnavailable(why)
+    topology = Topology(case.nic, passthrough=ports)
+    router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.nics)
+    return LabPlan((router,), OneVmNetwork(topology))
+
+
+# kernel source kind (kernels/*.yaml `source.kind`) -> the lab its cells boot
+PLANS: dict[str, Callable[[VmCase, Images], LabPlan]] = {
+    "debian": debian_router,
+    "local": debian_router,
+}
+
+
+def plan_for(case: VmCase, images: Images) -> LabPlan:
+    return PLANS[case.cell.spec.source.kind](case, images)

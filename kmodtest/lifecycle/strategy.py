@@ -1,0 +1,229 @@
+"""A VM case's lab, walked through its states (labgrid's strategy, for our labs).
+
+    off -> image ready -> launched -> channel up -> network configured -> ready for a test
+        -> in a test -> (reset) ready for a test -> ... -> off (stopped) | broken
+
+:class:`CaseStrategy` is the one place that knows about booting, reuse between tests, health
+windows and teardown; its dependencies are declared fields (the images, the launcher, the
+accelerator), so a libvirt launcher or a snapshot-restoring one plugs in without changing it,
+and a plan with two guests (router + endpoints VM) walks the same states. A boot that fails
+leaves the case *broken*: every later request fails at once with the first failure, instead of
+booting again for each test. Nothing here knows pytest: the CLI drives it the same way.
+
+Kernel health, every console byte exactly once: the boot's own window is scanned when the lab
+becomes ready (a problem there is a boot failure); a test's window runs from the end of the
+previous one through the reset after the test and a console sync line, so what the reset's
+``nft flush ruleset`` (the flowtable teardown) makes the kernel say is that test's; and the
+last window is scanned when the guests stop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodtest.errors import ChannelError, KmodtestError, MachineError
+from kmodtest.guest.boot import BOOT_TIMEOUT
+from kmodtest.guest.health import HealthProblem
+from kmodtest.guest.router import Router
+from kmodtest.guest.vm import GuestVM, death_note
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.images import Images, failed_before
+from kmodtest.lifecycle.plans import LabPlan, NodePlan, plan_for
+from kmodtest.run.launcher import Launcher, RunningMachine
+from kmodtest.run.machine import MachineSpec
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    OFF = "off"
+    IMAGE_READY = "image ready"
+    LAUNCHED = "launched"
+    CHANNEL_UP = "channel up"
+    NETWORK_CONFIGURED = "network configured"
+    READY = "ready for a test"
+    IN_TEST = "in a test"
+    BROKEN = "broken"
+
+
+@dataclass
+class _Launched:
+    node: NodePlan
+    spec: MachineSpec
+    machine: RunningMachine
+    at: float  # time.monotonic() of the launch
+
+
+@dataclass
+class CaseStrategy:
+    case: VmCase
+    images: Images
+    launcher: Launcher
+    accel: str
+    log_dir: Callable[[], Path]  # a fresh directory for each boot's logs
+    icount: bool = False
+    boot_timeout: float = BOOT_TIMEOUT
+    state: State = State.OFF
+    router: Router | None = None
+    broken: KmodtestError | None = None  # the first boot failure, repeated to later requests
+    unattributed: list[HealthProblem] = field(default_factory=list)  # found outside any test
+    _plan: LabPlan | None = None
+    _launched: list[_Launched] = field(default_factory=list)
+
+    # -- what callers ask for ---------------------------------------------------------------
+
+    def ready(self) -> Router:
+        """A router ready for a test, booting the lab if needed; the caller then holds it."""
+        if self.state is State.BROKEN:
+            assert self.broken is not None
+            raise failed_before(self.broken, f"boot of {self.case.name}")
+        if self.state is State.IN_TEST:  # the previous holder never ended its test
+            if problem := self.end_test():
+                self.unattributed.append(problem)
+            if self.router is not None and self.router.tainted:
+                self.stop()
+        if self.state is State.OFF:
+            self._boot()
+        assert self.state is State.READY and self.router is not None
+        self.state = State.IN_TEST
+        return self.router
+
+    def end_test(self) -> HealthProblem | None:
+        """In a test -> ready: reset the network, then scan the window of the test and its
+        reset. A problem taints the router (it is stopped at release)."""
+        router = self._held()
+        if router.alive and not router.tainted:
+            try:
+                router.reset()
+            except KmodtestError as exc:  # a broken reset means a broken VM: boot a new one
+                log.warning("reset of %s failed, it will be replaced: %s", router.name, exc)
+                router.tainted = f"reset failed: {exc.problem}"
+        problem = router.health()
+        if problem is not None:
+            router.tainted = router.tainted or f"kernel health: {problem.pattern}"
+        self.state = State.READY
+        return problem
+
+    def release(self) -> HealthProblem | None:
+        """The test is over: a router that is tainted or gone is stopped, its last window
+        scanned; a healthy one stays up for the next test of this case."""
+        problem = self.end_test() if self.state is State.IN_TEST else None
+        router = self.router
+        if router is not None and (router.tainted or not router.alive):
+            log.info("replacing %s: %s", router.name, router.tainted or "the VM exited")
+            last = self.stop()
+            problem = problem or last
+        return problem
+
+    def stop(self) -> HealthProblem | None:
+        """Stop the lab's guests (-> off); the first problem in their last console windows."""
+        problem = self.router.stop() if self.router is not None else None
+        self._stop_launched()
+        self.router = None
+        if self.state is not State.BROKEN:
+            self.state = State.OFF
+        return problem
+
+    # -- the boot, one transition at a time ---------------------------------------------------
+
+    def _boot(self) -> None:
+        try:
+            for step in (self._image_ready, self._launch, self._channel_up, self._network):
+                step()
+            self._ready()
+        except KmodtestError as exc:
+            self._stop_launched()
+            self.router = None
+            self.state, self.broken = State.BROKEN, exc
+            raise
+        except BaseException:  # Ctrl-C mid-boot: nothing left running, try again next time
+            self._stop_launched()
+            self.router, self.state = None, State.OFF
+            raise
+
+    def _image_ready(self) -> None:
+        self._plan = plan_for(self.case, self.images)
+        self.state = State.IMAGE_READY
+
+    def _launch(self) -> None:
+        assert self._plan is not None
+        log_dir = self.log_dir()
+        several = len(self._plan.nodes) > 1
+        for node in self._plan.nodes:
+            run_dir = Path(tempfile.mkdtemp(prefix="kt-"))  # short: unix socket path limit
+            spec = node.boot.machine_spec(
+                f"{self.case.name}-{node.role}" if several else self.case.name,
+                node.cell, node.image, node.nics(run_dir), run_dir,
+                log_dir / node.role if several else log_dir, self.accel, self.icount,
+            )  # fmt: skip
+            try:
+                machine = self.launcher.start(spec)
+            except BaseException:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            self._launched.append(_Launched(node, spec, machine, time.monotonic()))
+        self.state = State.LAUNCHED
+
+    def _channel_up(self) -> None:
+        guests = {}
+        for launched in self._launched:
+            spec, machine = launched.spec, launched.machine
+            try:
+                channel = launched.node.boot.connect(machine, self.boot_timeout)
+            except (ChannelError, MachineError) as exc:
+                raise MachineError(
+                    f"{spec.name} did not come up: {exc.problem}"
+                    f"{death_note(machine, self.launcher.name)}",
+                    f"see {spec.console_log} and the {self.launcher.name} log in {spec.log_dir}",
+                ) from None
+            guest = GuestVM.connected(spec, machine, channel, time.monotonic() - launched.at)
+            guests[launched.node.role] = guest
+            log.info("%s up in %.2f s", spec.name, guest.boot_seconds)
+        assert self._plan is not None
+        self.router = Router(self.case.cell, self._plan.router.image, self._plan.network, guests)
+        self.state = State.CHANNEL_UP
+
+    def _network(self) -> None:
+        router = self._held()
+        try:
+            router.network.setup(router.guests)
+        except (ChannelError, MachineError) as exc:
+            raise MachineError(
+                f"{router.name} did not come up: {exc.problem}"
+                f"{death_note(router.vm.machine, self.launcher.name)}",
+                f"see {router.console_log}",
+            ) from None
+        self.state = State.NETWORK_CONFIGURED
+
+    def _ready(self) -> None:
+        """The boot's own console window: a kernel problem while booting is a boot failure."""
+        router = self._held()
+        for guest in router.guests.values():  # forget what boot left to kmemleak (debug kernels)
+            if guest.kmemleak is not None:
+                guest.kmemleak.settle()
+        if problem := router.health(leaks=False):
+            raise MachineError(
+                f"{router.name}: the kernel reported a problem while booting\n{problem}",
+                f"see {router.console_log}",
+            )
+        self.state = State.READY
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _held(self) -> Router:
+        if self.router is None:
+            raise MachineError(f"{self.case.name} is not running")
+        return self.router
+
+    def _stop_launched(self) -> None:
+        for launched in self._launched:
+            launched.machine.stop()
+            shutil.rmtree(launched.spec.run_dir, ignore_errors=True)
+        self._launched.clear()
