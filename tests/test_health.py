@@ -15,13 +15,17 @@ SPLAT = """\
 """
 
 
+def append(log, text: str) -> None:
+    with open(log, "a") as f:
+        f.write(text)
+
+
 def test_a_problem_is_found_once_in_the_window_it_arrived_in(tmp_path):
     log = tmp_path / "console.log"
     log.write_text("[ 1.0] booting\n")
     watch = ConsoleWatch(log)
     assert watch.scan() is None
-    with open(log, "a") as f:
-        f.write(SPLAT)
+    append(log, SPLAT)
     problem = watch.scan()
     assert problem is not None
     assert problem.pattern == "WARNING:"
@@ -40,8 +44,7 @@ def test_a_line_still_being_written_belongs_to_the_next_window(tmp_path):
     log.write_text("[ 5.0] ok\n[ 5.1] WARN")
     watch = ConsoleWatch(log)
     assert watch.scan() is None
-    with open(log, "a") as f:
-        f.write("ING: CPU: 0 PID: 1 at x.c:1\n")
+    append(log, "ING: CPU: 0 PID: 1 at x.c:1\n")
     problem = watch.scan()
     assert problem is not None and "x.c:1" in problem.excerpt
 
@@ -65,8 +68,7 @@ def test_wait_for_a_sync_line_then_the_window_ends_after_it(tmp_path):
 
     def guest_writes() -> None:
         time.sleep(0.2)
-        with open(log, "a") as f:
-            f.write(f"[ 9.0] {SPLAT.splitlines()[1]}\n[ 9.1] {line}\n")
+        append(log, f"[ 9.0] {SPLAT.splitlines()[1]}\n[ 9.1] {line}\n")
 
     writer = threading.Thread(target=guest_writes)
     writer.start()

@@ -25,7 +25,8 @@ from kmodtest.run.passthrough import PassthroughUnavailable, missing_guest_drive
 
 @dataclass(frozen=True)
 class NodePlan:
-    """One guest of a lab: its role, what it boots and how, and its NICs (given a run dir)."""
+    """One guest of a lab: its role, what it boots and how, and its NICs (given the lab's
+    directory, where the dgram sockets linking its guests live)."""
 
     role: str
     cell: Cell  # arch, machine, cpu, memory, kernel command line

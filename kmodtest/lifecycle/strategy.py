@@ -76,6 +76,7 @@ class CaseStrategy:
     unattributed: list[HealthProblem] = field(default_factory=list)  # found outside any test
     _plan: LabPlan | None = None
     _launched: list[_Launched] = field(default_factory=list)
+    _lab_dir: Path | None = None
 
     # -- what callers ask for ---------------------------------------------------------------
 
@@ -102,9 +103,9 @@ class CaseStrategy:
         if router.alive and not router.tainted:
             try:
                 router.reset()
-            except KmodtestError as exc:  # a broken reset means a broken VM: boot a new one
+            except Exception as exc:  # a broken reset means a broken VM: boot a new one
                 log.warning("reset of %s failed, it will be replaced: %s", router.name, exc)
-                router.tainted = f"reset failed: {exc.problem}"
+                router.tainted = f"reset failed: {getattr(exc, 'problem', exc)}"
         problem = router.health()
         if problem is not None:
             router.tainted = router.tainted or f"kernel health: {problem.pattern}"
@@ -155,19 +156,19 @@ class CaseStrategy:
     def _launch(self) -> None:
         assert self._plan is not None
         log_dir = self.log_dir()
+        # one short directory per lab (unix socket paths are <= 107 bytes): the links between
+        # its guests live here, and each guest's own sockets in it (or in a role subdirectory)
+        self._lab_dir = Path(tempfile.mkdtemp(prefix="kt-"))
         several = len(self._plan.nodes) > 1
         for node in self._plan.nodes:
-            run_dir = Path(tempfile.mkdtemp(prefix="kt-"))  # short: unix socket path limit
+            run_dir = self._lab_dir / node.role if several else self._lab_dir
+            run_dir.mkdir(exist_ok=True)
             spec = node.boot.machine_spec(
                 f"{self.case.name}-{node.role}" if several else self.case.name,
-                node.cell, node.image, node.nics(run_dir), run_dir,
+                node.cell, node.image, node.nics(self._lab_dir), run_dir,
                 log_dir / node.role if several else log_dir, self.accel, self.icount,
             )  # fmt: skip
-            try:
-                machine = self.launcher.start(spec)
-            except BaseException:
-                shutil.rmtree(run_dir, ignore_errors=True)
-                raise
+            machine = self.launcher.start(spec)
             self._launched.append(_Launched(node, spec, machine, time.monotonic()))
         self.state = State.LAUNCHED
 
@@ -225,5 +226,7 @@ class CaseStrategy:
     def _stop_launched(self) -> None:
         for launched in self._launched:
             launched.machine.stop()
-            shutil.rmtree(launched.spec.run_dir, ignore_errors=True)
         self._launched.clear()
+        if self._lab_dir is not None:
+            shutil.rmtree(self._lab_dir, ignore_errors=True)
+            self._lab_dir = None
