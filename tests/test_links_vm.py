@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from kmodtest.guest import links
-from kmodtest.guest.router import RouterVM
+from kmodtest.guest.router import Router
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.pool import RouterPool
 
 
 def test_wait_names_an_up_link_that_never_gets_carrier(router, host):
@@ -34,25 +36,21 @@ def test_wait_sees_links_in_the_endpoint_namespaces(router, host):
 
 
 @pytest.fixture
-def e1000e_router(kmodtest_session, tmp_path) -> Iterator[RouterVM]:
+def e1000e_router(kmodtest_session, tmp_path) -> Iterator[Router]:
     """A router on e1000e, the model whose link an MTU change resets (QEMU 7.2 emulation)."""
     cell = kmodtest_session.cells[0]
     if "e1000e" not in cell.spec.nics:
         pytest.skip(f"cell {cell.id} lists no e1000e NIC")
-    pool = kmodtest_session.pool
-    vm = RouterVM.create(
-        cell, pool.image(cell), "e1000e", tmp_path / "logs", pool.accel_for(cell).accel
-    )
-    vm.start()
+    kmodtest_session.pool.stop_current()  # one VM at a time
+    pool = RouterPool(kmodtest_session.pool.images, tmp_path / "logs", accel="auto")
     try:
-        yield vm
+        yield pool.acquire(VmCase(cell, "e1000e"))
     finally:
-        vm.stop()
+        pool.close()
 
 
 def test_mtu_change_resets_e1000e_link_and_the_wait_outlasts_it(e1000e_router):
     host = e1000e_router.host
-    assert host is not None
     # the hazard itself: right after the MTU change the port has no carrier
     assert host.check_output("ip link set dev wan mtu 1400; cat /sys/class/net/wan/carrier") == "0"
     links.change(host, "ip link set dev wan mtu 1280", e1000e_router.topology.namespaces)
