@@ -45,7 +45,7 @@ def _inet_sockets(inodes: set[str]) -> list[tuple[str, str]]:
 
 
 def test_a_booted_vm_binds_nothing_but_unix_sockets_or_loopback(router):
-    qemu_pid = router.qemu.proc.pid
+    qemu_pid = router.vm.machine.proc.pid
     qemu_sockets = _socket_inodes(qemu_pid)
     unix = Path("/proc/net/unix").read_text()
     run_dir = str(router.spec.run_dir)
