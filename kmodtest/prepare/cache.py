@@ -3,16 +3,24 @@
 Artifacts are directories published atomically: built in a temporary sibling directory, then
 renamed into place while holding a per-key lock, so parallel runs (pytest-xdist workers, two
 terminals) never see or leave a half-built image.
+
+What a VM boots (images, overlays) is also checked at every use: each entry carries a content
+manifest (sha256 and size of every file, written inside the temporary directory, so it is
+published by the same rename), and an entry that no longer matches it (a truncated or
+corrupted file, a disk error, a manual edit) is discarded and rebuilt, never booted. Every
+publish appends a line to ``builds.log`` at the cache root: what was built, when, by whom.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +28,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "KMODTEST_CACHE"
+# kinds whose entries are never modified after publish and are booted: checked at every use
+CHECKED_KINDS = frozenset({"images", "overlays"})
+CONTENT_MANIFEST = ".kmodtest-content"  # inside an entry: "<sha256> <size> <relative path>"
+BUILD_LOG = "builds.log"  # at the cache root: one line per published entry
+_HASH_CHUNK = 1 << 20
+# entries this process has checked, keyed with their manifest's identity: hash once per process
+_checked: dict[Path, tuple[int, int]] = {}
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +71,52 @@ def try_file_lock(path: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_content_manifest(directory: Path) -> None:
+    """Record the sha256 and size of every regular file under ``directory`` (symlinks and
+    directories are structure, not content)."""
+    files = sorted(
+        Path(root, name).relative_to(directory)
+        for root, _dirs, names in os.walk(directory)
+        for name in names
+        if name != CONTENT_MANIFEST and not Path(root, name).is_symlink()
+    )
+    lines = [
+        f"{_file_sha256(directory / rel)} {(directory / rel).stat().st_size} {rel}\n"
+        for rel in files
+    ]
+    (directory / CONTENT_MANIFEST).write_text("".join(lines))
+
+
+def content_problem(directory: Path) -> str | None:
+    """What is wrong with a published entry's content, or None when every file it was
+    published with is there with its size and sha256."""
+    manifest = directory / CONTENT_MANIFEST
+    try:
+        text = manifest.read_text()
+    except FileNotFoundError:
+        return f"no content manifest ({CONTENT_MANIFEST}): made before entries were checked"
+    for line in text.splitlines():
+        sha, size, rel = line.split(" ", 2)
+        path = directory / rel
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if actual != int(size):
+            return f"{rel} is {actual} bytes, published with {size} (truncated or overwritten)"
+        if _file_sha256(path) != sha:
+            return f"{rel} does not match its sha256 (corrupted)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,25 +159,89 @@ class Cache:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
+    def entry(self, kind: str, key: str) -> Path | None:
+        """The published entry ``kind/key`` if it is there and intact, else None; one whose
+        content check fails is discarded (so the caller builds it again)."""
+        final = self.path(kind, key)
+        if not final.is_dir():
+            return None
+        if kind not in CHECKED_KINDS or self._intact(final):
+            return final
+        with self.lock(kind, key):
+            if not final.is_dir():  # another process discarded it meanwhile
+                return None
+            if self._intact(final):  # ... or rebuilt it
+                return final
+            self._discard(kind, key, content_problem(final))
+        return None
+
+    def _intact(self, final: Path) -> bool:
+        try:
+            stat = (final / CONTENT_MANIFEST).stat()
+        except FileNotFoundError:
+            return False
+        identity = (stat.st_ino, stat.st_mtime_ns)
+        if _checked.get(final) == identity:
+            return True
+        if content_problem(final) is not None:
+            return False
+        _checked[final] = identity
+        return True
+
+    def _discard(self, kind: str, key: str, problem: str | None) -> None:
+        """Move a bad entry out of the way (a temporary name: its key's lock covers it, and
+        ``cache prune`` counts it stale if we die now) and remove it."""
+        final = self.path(kind, key)
+        log.warning("cache entry %s is damaged (%s): discarded, it will be rebuilt", final, problem)
+        self._log_event("discarded", kind, key, problem or "")
+        aside = Path(tempfile.mkdtemp(prefix=f".{key}.damaged.", dir=final.parent))
+        os.rename(final, aside / key)
+        _checked.pop(final, None)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _log_event(self, event: str, kind: str, key: str, note: str = "") -> None:
+        """One line in ``builds.log``; appends of one short line are atomic between writers."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = f"{stamp} {event} {kind}/{key} pid={os.getpid()} {note}".rstrip() + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / BUILD_LOG, "a") as handle:
+            handle.write(line)
+
+    def builds(self, kind: str | None = None) -> list[str]:
+        """The ``built`` lines of ``builds.log`` (for ``kind`` only, when given)."""
+        try:
+            lines = (self.root / BUILD_LOG).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        want = f" built {kind}/" if kind else " built "
+        return [line for line in lines if want in line]
+
     def get_or_build(self, kind: str, key: str, build: Callable[[Path], None]) -> Path:
         """Return the artifact directory for ``key``, building it with ``build(tmpdir)`` once.
 
         ``build`` fills an empty temporary directory; only if it returns normally is the
-        directory renamed to its final name. A failed build leaves nothing behind.
+        directory renamed to its final name. A failed build leaves nothing behind. An entry of
+        a :data:`CHECKED_KINDS` kind that fails its content check is rebuilt.
         """
+        if found := self.entry(kind, key):
+            return found
         final = self.path(kind, key)
-        if final.is_dir():
-            return final
         with self.lock(kind, key):
-            if final.is_dir():  # another process finished it while we waited
-                return final
+            if final.is_dir():  # another process finished it while we waited, or it is bad
+                if kind not in CHECKED_KINDS or self._intact(final):
+                    return final
+                self._discard(kind, key, content_problem(final))
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+            started = time.monotonic()
             try:
                 build(tmp)
+                if kind in CHECKED_KINDS:
+                    write_content_manifest(tmp)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            self._log_event("built", kind, key, f"seconds={time.monotonic() - started:.1f}")
             log.info("cached %s/%s", kind, key)
             return final

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kmodtest.arches import ARCHES, Arch
 from kmodtest.errors import ConfigError
 from kmodtest.nics import NICS
-from kmodtest.prepare.yamlfile import load_model
+from kmodtest.prepare.yamlfile import load_located
 
 # the NIC "model" of a cell's passthrough case: host NICs handed to the guest through VFIO
 PASSTHROUGH_NIC = "vfio-pci"
@@ -222,18 +222,31 @@ def load_matrix(directory: Path) -> Matrix:
             "add a kernels/*.yaml file or point --kernels-dir at the directory that has them",
         )
     cells: list[Cell] = []
-    seen: dict[str, Path] = {}
+    first: dict[str, str] = {}  # cell id -> where it was declared first
+    defaults: list[str] = []  # where each `default: true` is
     for path in files:
         fix = f"edit {path} (schema: kmodtest/prepare/cells.py)"
-        for spec in load_model(path, KernelsFile, fix).cells:
-            if spec.id in seen:
-                raise ConfigError(f"{path}: cell id {spec.id!r} also in {seen[spec.id]}", fix)
-            seen[spec.id] = path
+        located = load_located(path, KernelsFile, fix)
+        for i, spec in enumerate(located.model.cells):
+            where = located.where(("cells", i, "id"))
+            if spec.id in first:
+                raise ConfigError(
+                    f"{where}: cell id {spec.id!r} is already used at {first[spec.id]}",
+                    f"{fix}: give each cell its own id",
+                )
+            first[spec.id] = where.rsplit(": ", 1)[0]
+            if spec.default:
+                if defaults:
+                    raise ConfigError(
+                        f"{located.where(('cells', i, 'default'))}: a second cell with "
+                        f"'default: true' (the first is at {defaults[0]})",
+                        "mark only the one cell `pytest vmtests/` should use without --kernel",
+                    )
+                defaults.append(located.where(("cells", i, "default")).rsplit(": ", 1)[0])
             cells.append(Cell(spec=spec, arch=ARCHES[spec.arch], origin=path))
-    defaults = [c.id for c in cells if c.spec.default]
-    if len(defaults) != 1:
+    if not defaults:
         raise ConfigError(
-            f"{directory}: exactly one cell must have 'default: true', found {defaults or 'none'}",
-            "mark the cell `pytest vmtests/` should use without --kernel",
+            f"{directory}: no cell has 'default: true'",
+            "mark the one cell `pytest vmtests/` should use without --kernel",
         )
     return Matrix(tuple(cells))

@@ -133,9 +133,10 @@ class ImageBuilder:
         return index, self.cache.path("images", entry["image"])
 
     def cached(self, cell: Cell) -> Image | None:
-        """The image the index points at for this cell, if it is on disk."""
+        """The image the index points at for this cell, if it is on disk and intact (a
+        damaged one is discarded: the caller builds it again)."""
         found = self.indexed(cell)
-        if found is None or not (found[1] / "manifest.json").is_file():
+        if found is None or self.cache.entry("images", found[1].name) is None:
             return None
         return Image(found[1])
 

@@ -130,9 +130,9 @@ class OverlayBuilder:
             ws = prepare(self.change, sources.root, Path(tmp) / "ws")
             t.prepare = time.monotonic() - start
             key = overlay_key(base, ws.digest)
-            if (self.cache.path("overlays", key) / "manifest.json").is_file():
+            if found := self.cache.entry("overlays", key):
                 t.cached = True
-                return Image(self.cache.path("overlays", key))
+                return Image(found)
 
             def build(out: Path) -> None:
                 self._build(cell, kernel, base, ws, sources.root, out, t)
