@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.faults"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,6 +29,7 @@ from kmodtest.lifecycle.case import VmCase, case_nics, wanted_nics
 from kmodtest.lifecycle.images import Images
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cache import discarded as discarded_entries
 from kmodtest.prepare.cells import (
     PASSTHROUGH_NIC,
     Matrix,
@@ -307,6 +308,7 @@ class RunVerdict:
         self.ran = 0
         self.skipped = 0
         self.problems: list[str] = []
+        self.discarded: list[str] = []  # damaged cache entries found (and rebuilt) in this run
 
     @property
     def nothing_tested(self) -> bool:
@@ -322,14 +324,18 @@ class RunVerdict:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        self.problems += getattr(node, "workeroutput", {}).get("kmodtest_problems", [])
+        output = getattr(node, "workeroutput", {})
+        self.problems += output.get("kmodtest_problems", [])
+        self.discarded += output.get("kmodtest_discarded", [])
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         state = self.config.stash.get(SESSION_KEY, None)
         if state is not None:  # exit 5 (nothing collected) keeps the logs too
             self.problems += state.finish(failed=exitstatus != 0 or session.testsfailed > 0)
+        self.discarded += discarded_entries
         if hasattr(self.config, "workeroutput"):  # an xdist worker: the controller reports
             self.config.workeroutput["kmodtest_problems"] = self.problems
+            self.config.workeroutput["kmodtest_discarded"] = self.discarded
         elif self.problems or self.nothing_tested:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -339,6 +345,10 @@ class RunVerdict:
             terminalreporter.section("kmodtest VMs")
             for line in state.pool.booted:
                 terminalreporter.write_line(line)
+        if self.discarded:
+            terminalreporter.section("kmodtest cache: damaged entries", yellow=True)
+            for note in self.discarded:
+                terminalreporter.write_line(note, yellow=True)
         for problem in self.problems:
             terminalreporter.section("kmodtest: kernel problem outside any test", red=True)
             terminalreporter.write_line(problem)

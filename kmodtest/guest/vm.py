@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 from dataclasses import dataclass
 
 import testinfra.host
 
-from kmodtest.errors import ChannelError, MachineError
+from kmodtest.errors import ChannelError, CommandTimeout, MachineError
 from kmodtest.guest.backend import make_host
 from kmodtest.guest.channel import AgentChannel, Reply
 from kmodtest.guest.health import ConsoleWatch, HealthProblem, Kmemleak, sync_command, tail
@@ -53,7 +54,15 @@ class GuestVM:
         return self.machine.alive
 
     def run(self, command: str, timeout: float = 120.0) -> Reply:
-        return self.channel.run(command, timeout=timeout)
+        try:
+            return self.channel.run(command, timeout=timeout)
+        except ChannelError as exc:
+            if self.alive or isinstance(exc, CommandTimeout):
+                raise
+            raise MachineError(  # the machine died under the command: say how, and where
+                f"{self.name}: {exc.problem}{death_note(self.machine, 'QEMU')}",
+                f"see {self.spec.console_log} and {self.spec.log_dir}",
+            ) from None
 
     def check(self, command: str, timeout: float = 120.0) -> str:
         """Run a command that must succeed; raise with its output if it does not."""
@@ -118,7 +127,10 @@ def death_note(machine: RunningMachine, launcher: str) -> str:
     parts = []
     if not machine.alive:
         rc = machine.returncode
-        parts.append(f"\n{launcher}: the VM exited" + ("" if rc is None else f" with {rc}"))
+        how = "" if rc is None else f" with {rc}"
+        if rc is not None and rc < 0:  # a signal: name it (SIGKILL is the OOM killer, or kill -9)
+            how = f", killed by {signal.Signals(-rc).name}"
+        parts.append(f"\n{launcher}: the VM exited{how}")
         if err := machine.stderr_text():
             parts.append(f"{launcher} said: {err[-800:]}")
     parts.append(f"last console lines:\n{tail(machine.spec.console_log)}")

@@ -35,6 +35,8 @@ BUILD_LOG = "builds.log"  # at the cache root: one line per published entry
 _HASH_CHUNK = 1 << 20
 # entries this process has checked, keyed with their manifest's identity: hash once per process
 _checked: dict[Path, tuple[int, int]] = {}
+# what this process discarded, one line each, for the run's summary (a rebuild is no secret)
+discarded: list[str] = []
 
 
 def default_cache_dir() -> Path:
@@ -192,7 +194,11 @@ class Cache:
         """Move a bad entry out of the way (a temporary name: its key's lock covers it, and
         ``cache prune`` counts it stale if we die now) and remove it."""
         final = self.path(kind, key)
-        log.warning("cache entry %s is damaged (%s): discarded, it will be rebuilt", final, problem)
+        note = (
+            f"{final} was damaged ({problem}): discarded and rebuilt; see {self.root / BUILD_LOG}"
+        )
+        log.warning("%s", note)
+        discarded.append(note)
         self._log_event("discarded", kind, key, problem or "")
         aside = Path(tempfile.mkdtemp(prefix=f".{key}.damaged.", dir=final.parent))
         os.rename(final, aside / key)
