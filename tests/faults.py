@@ -148,8 +148,12 @@ def held_locks(cache: Cache) -> list[Path]:
 
 def leftovers(directory: Path) -> list[Path]:
     """Entries under ``directory`` (a run's private TMPDIR, a cache's work/): what a run that
-    cleaned up after itself leaves there is nothing."""
-    return sorted(directory.iterdir()) if directory.is_dir() else []
+    cleaned up after itself leaves there is nothing. pytest's own ``pytest-of-<user>`` is
+    not ours: xdist's controller makes its base temp there for the workers, and pytest keeps
+    the newest three by design."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if not p.name.startswith("pytest-of-"))
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ from kmodtest.prepare.cells import (
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.recipes import load_recipe
 from kmodtest.progress import Progress
+from kmodtest.run import rundirs
 from kmodtest.run.devices import missing_nic
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 from kmodtest.run.passthrough import missing_prerequisites
@@ -157,6 +158,8 @@ def session_of(config: pytest.Config) -> KmodtestSession:
 
 def pytest_configure(config: pytest.Config) -> None:
     processes.install_signal_handlers()  # before any build or boot: an interrupt always stops
+    # before xdist starts its workers: they inherit the run root (see rundirs)
+    rundirs.start_run(worker=hasattr(config, "workerinput"))
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.pluginmanager.register(RunVerdict(config), RunVerdict.NAME)
@@ -181,6 +184,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    rundirs.end_run()  # the labs' socket directories, a killed worker's too
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``-n N`` (xdist's default ``load``, or ``loadgroup``): one worker per VM case."""
     session = config.stash.get(SESSION_KEY, None)

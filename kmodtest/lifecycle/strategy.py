@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from kmodtest.lifecycle.images import Images, failed_before
 from kmodtest.lifecycle.plans import LabPlan, NodePlan, plan_for
 from kmodtest.run.launcher import Launcher, RunningMachine
 from kmodtest.run.machine import MachineSpec
+from kmodtest.run.rundirs import new_lab_dir
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CaseStrategy:
         log_dir = self.log_dir()
         # one short directory per lab (unix socket paths are <= 107 bytes): the links between
         # its guests live here, and each guest's own sockets in it (or in a role subdirectory)
-        self._lab_dir = Path(tempfile.mkdtemp(prefix="kt-"))
+        self._lab_dir = new_lab_dir()
         several = len(self._plan.nodes) > 1
         for node in self._plan.nodes:
             run_dir = self._lab_dir / node.role if several else self._lab_dir
