@@ -110,7 +110,9 @@ def test_guest_panic_fails_that_test_and_the_next_gets_a_fresh_vm(
     fault.injected("guest kernel panic (sysrq c) mid-test")
     result, qemus = _run(pytester, repo, tmp_path, inner_tmp, fault, PANIC)
     text = result.stdout.str()
-    fault.clear_message(text, r"sysrq: Trigger a crash|Kernel panic", "console log: .*console.log")
+    assert fault.clear_message(
+        text, r"sysrq: Trigger a crash|Kernel panic", "console log: .*console.log"
+    ), text[-3000:]
     result.assert_outcomes(passed=1, failed=1)
     assert "FAILED test_inner.py::test_crashes_the_kernel" in text
     assert len(qemus) == 2 and qemus[0] != qemus[1], qemus
@@ -124,9 +126,9 @@ def test_a_command_that_never_returns_times_out_and_the_channel_stays_in_sync(
     fault.injected("guest command that never returns; an agent that stalls")
     result, _ = _run(pytester, repo, tmp_path, inner_tmp, fault, HANG)
     text = result.stdout.str()
-    fault.clear_message(
+    assert fault.clear_message(
         text, r"guest command killed after 3 s: 'sleep 100000", "fix: pass a larger timeout"
-    )
+    ), text[-3000:]
     result.assert_outcomes(passed=2, failed=1)
     assert "FAILED test_inner.py::test_a_command_that_never_returns" in text
     # the whole command was killed: the shell did not go on to its next statement
@@ -140,7 +142,9 @@ def test_qemu_killed_mid_test_is_named_and_the_next_vm_boots(
     fault.injected("QEMU killed with SIGKILL mid-test")
     result, qemus = _run(pytester, repo, tmp_path, inner_tmp, fault, SIGKILL)
     text = result.stdout.str()
-    fault.clear_message(text, "QEMU exited while a command was running", "killed by SIGKILL")
+    assert fault.clear_message(
+        text, "QEMU exited while a command was running", "killed by SIGKILL"
+    ), text[-3000:]
     result.assert_outcomes(passed=1, failed=1)
     assert "FAILED test_inner.py::test_qemu_is_killed_mid_command" in text
     assert len(qemus) == 2 and qemus[0] != qemus[1], qemus

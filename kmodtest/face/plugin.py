@@ -267,11 +267,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         # the reset after the test, and the console window of test and reset, belong to it
         problem = session.pool.end_test(case)
         if problem is not None:
-            report.outcome = "failed"
-            report.longrepr = (
+            text = (
                 f"kmodtest: the kernel reported a problem during this test or the reset after "
                 f"it (the VM will be replaced)\n{problem}\nconsole log: {vm.console_log}"
             )
+            if report.failed:  # the test's own error stays: the kernel's report explains it
+                report.sections.append(("kmodtest kernel health", text))
+            else:
+                report.outcome = "failed"
+                report.longrepr = text
     if report.failed:
         report.sections.append(
             ("kmodtest console", f"console log: {vm.console_log}\n{tail(vm.console_log)}")

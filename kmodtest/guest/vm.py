@@ -98,7 +98,7 @@ class GuestVM:
             self.sync_console()
         if not self.alive:
             return self.console.scan(final=True) or HealthProblem(
-                f"{self.spec.name} exited", tail(self.spec.console_log)
+                f"{self.spec.name} exited{exit_reason(self.machine)}", tail(self.spec.console_log)
             )
         problem = self.console.scan()
         if problem is None and leaks and self.kmemleak is not None:
@@ -122,15 +122,19 @@ def _stop(machine: RunningMachine, spec: MachineSpec) -> None:
     shutil.rmtree(spec.run_dir, ignore_errors=True)
 
 
+def exit_reason(machine: RunningMachine) -> str:
+    """How a machine ended, to follow "exited": its status, or the signal that killed it."""
+    rc = machine.returncode
+    if rc is not None and rc < 0:  # a signal: name it (SIGKILL is the OOM killer, or kill -9)
+        return f", killed by {signal.Signals(-rc).name}"
+    return "" if rc is None else f" with {rc}"
+
+
 def death_note(machine: RunningMachine, launcher: str) -> str:
     """Why a machine is gone, for an error message: exit status, hypervisor output, console."""
     parts = []
     if not machine.alive:
-        rc = machine.returncode
-        how = "" if rc is None else f" with {rc}"
-        if rc is not None and rc < 0:  # a signal: name it (SIGKILL is the OOM killer, or kill -9)
-            how = f", killed by {signal.Signals(-rc).name}"
-        parts.append(f"\n{launcher}: the VM exited{how}")
+        parts.append(f"\n{launcher}: the VM exited{exit_reason(machine)}")
         if err := machine.stderr_text():
             parts.append(f"{launcher} said: {err[-800:]}")
     parts.append(f"last console lines:\n{tail(machine.spec.console_log)}")
