@@ -58,6 +58,8 @@ class Arch:
     kvm_probe: KvmProbe | None = None
     kernel_glob: tuple[str, ...] = DEBIAN_KERNEL_GLOB
     libvirt_arch: str = ""  # <type arch=...> in libvirt domain XML
+    # the CPU model a libvirt domain gets where ``cpu`` has no libvirt form ("" : ``cpu`` has one)
+    libvirt_cpu: str = ""
     # the guest gets ACPI tables (QEMU's default on x86; libvirt needs <acpi/> for the guest
     # to power off, and refuses it on arm without UEFI)
     acpi: bool = False
@@ -129,6 +131,10 @@ ARCHES: dict[str, Arch] = {
             ),
             uname=("aarch64",),
             libvirt_arch="aarch64",
+            # libvirt 9.0 knows no aarch64 CPU features ("unknown CPU feature: pauth"), so
+            # max,pauth=off cannot be said; cortex-a76 (ARMv8.2: LSE atomics, no pauth) is the
+            # named model nearest to it in ISA and TCG speed
+            libvirt_cpu="cortex-a76",
             kvm_hosts=("aarch64",),
         ),
         Arch(

@@ -80,6 +80,9 @@ GOLDEN_X86_E1000 = """\
       <source path="/logs/vm/console.log" append="off" />
       <target port="0" />
     </serial>
+    <controller type="virtio-serial" index="0">
+      <address type="pci" domain="0x0000" bus="0x00" slot="0x02" function="0x0" />
+    </controller>
     <channel type="unix">
       <source mode="bind" path="/tmp/kt-x/agent.sock" />
       <target type="virtio" name="org.kmodtest.agent" />
@@ -90,6 +93,7 @@ GOLDEN_X86_E1000 = """\
       <model type="e1000" />
       <alias name="ua-lan" />
       <rom enabled="no" />
+      <address type="pci" domain="0x0000" bus="0x00" slot="0x03" function="0x0" />
     </interface>
     <interface type="client">
       <mac address="52:54:00:6b:01:01" />
@@ -97,6 +101,7 @@ GOLDEN_X86_E1000 = """\
       <model type="e1000" />
       <alias name="ua-lan-client" />
       <rom enabled="no" />
+      <address type="pci" domain="0x0000" bus="0x00" slot="0x04" function="0x0" />
     </interface>
     <interface type="server">
       <mac address="52:54:00:6b:00:02" />
@@ -104,6 +109,7 @@ GOLDEN_X86_E1000 = """\
       <model type="e1000" />
       <alias name="ua-wan" />
       <rom enabled="no" />
+      <address type="pci" domain="0x0000" bus="0x00" slot="0x05" function="0x0" />
     </interface>
     <interface type="client">
       <mac address="52:54:00:6b:02:01" />
@@ -111,6 +117,7 @@ GOLDEN_X86_E1000 = """\
       <model type="e1000" />
       <alias name="ua-wan-server" />
       <rom enabled="no" />
+      <address type="pci" domain="0x0000" bus="0x00" slot="0x06" function="0x0" />
     </interface>
     <controller type="usb" model="none" />
     <memballoon model="none" />
@@ -134,6 +141,20 @@ def test_each_link_is_one_tcp_connection_like_the_dgram_socket_pair():
     assert {i.find("source").get("address") for i in ifaces} == {"127.0.0.1"}
 
 
+def test_x86_devices_sit_in_the_slots_qemu_gives_them_in_our_argv():
+    """virtio-serial in slot 2, the NICs from slot 3 in spec order (QEMU's own order, which
+    decides which e1000s share an INTx line); passthrough NICs keep their pinned slots."""
+    root = ET.fromstring(render(spec()))
+    serial = root.find("devices/controller[@type='virtio-serial']/address")
+    assert serial.attrib == {
+        "type": "pci", "domain": "0x0000", "bus": "0x00", "slot": "0x02", "function": "0x0",
+    }  # fmt: skip
+    macs = [i.find("mac").get("address") for i in root.findall("devices/interface")]
+    slots = [i.find("address").get("slot") for i in root.findall("devices/interface")]
+    assert macs == [nic.mac for nic in spec().nics]
+    assert slots == ["0x03", "0x04", "0x05", "0x06"]
+
+
 def test_kvm_domain_uses_host_cpu():
     root = ET.fromstring(render(spec(accel="kvm")))
     assert root.get("type") == "kvm"
@@ -144,9 +165,15 @@ def test_arm_cells_have_their_arch_machine_and_no_acpi():
     arm64 = ET.fromstring(render(spec(arch="arm64")))
     assert arm64.find("os/type").attrib == {"arch": "aarch64", "machine": "virt"}
     assert arm64.find("features") is None  # libvirt refuses ACPI on arm without UEFI
-    cpu = arm64.find("cpu")
-    assert cpu.get("mode") == "maximum"
-    assert cpu.find("feature").attrib == {"policy": "disable", "name": "pauth"}
+    # libvirt knows no aarch64 CPU feature, so not max,pauth=off: the arch's libvirt_cpu
+    assert arm64.find("cpu").attrib == {"mode": "custom", "match": "exact", "check": "none"}
+    assert arm64.find("cpu/model").text == "cortex-a76"
+    assert arm64.find("cpu/feature") is None
+    # a cell's own cpu is kept as it is
+    custom = ET.fromstring(render(spec(arch="arm64", cpu="cortex-a57")))
+    assert custom.find("cpu/model").text == "cortex-a57"
+    # PCIe root: no pinned slots, libvirt places the devices behind root ports
+    assert arm64.findall("devices/interface/address") == []
     armhf = ET.fromstring(render(spec(arch="armhf")))
     assert armhf.find("os/type").get("arch") == "armv7l"
     assert armhf.find("cpu/model").text == "cortex-a15"

@@ -10,7 +10,12 @@ the nearest form that needs no root is used:
   sender whose peer is slow; ``<interface type='udp'>`` cannot. (UDP transfers through e1000
   still arrive incomplete under this backend with either form: see README, open);
 - ``-no-reboot`` is ``on_reboot=destroy`` (a panicking guest with ``panic=-1`` is gone at once);
-- QEMU's ``-cpu max`` is ``<cpu mode='maximum'>`` under TCG, ``host-passthrough`` under KVM.
+- QEMU's ``-cpu max`` is ``<cpu mode='maximum'>`` under TCG, ``host-passthrough`` under KVM;
+  a CPU option libvirt cannot say (arm64's ``pauth=off``) becomes the arch's ``libvirt_cpu``;
+- on x86's ``pc`` machine every device sits in the PCI slot QEMU gives it in our argv (the
+  virtio-serial controller in slot 2, the NICs from slot 3 in order). libvirt's own placement
+  (NICs first) changes which e1000s share an INTx line, and with it how the guest services
+  them: see :data:`FIRST_FREE_SLOT`.
 
 No ``<qemu:commandline>``: it taints the domain, and nothing here needs it.
 """
@@ -30,6 +35,12 @@ METADATA_NS = "urn:kmodtest:domain:1"  # marks domains kmodtest started (owner p
 LOOPBACK = "127.0.0.1"
 # QEMU -device name -> libvirt <model type>, where they differ
 NIC_MODELS = {"virtio-net-pci": "virtio"}
+# Machines whose root bus is conventional PCI: the first slot QEMU gives a -device of ours
+# (pc: 0 is the host bridge, 1 the PIIX3 ISA/IDE/USB/ACPI function). QEMU fills slots in argv
+# order from here: virtio-serial first, then the NICs. On arm's virt (PCIe root) libvirt puts
+# each device behind a root port and conventional-PCI e1000s behind a bridge; it has no form
+# for QEMU's plain pcie.0 placement, so those keep libvirt's addresses.
+FIRST_FREE_SLOT = {"pc": 2}
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,9 @@ def _cpu(domain: ET.Element, spec: MachineSpec) -> None:
     if spec.accel == "kvm":
         _sub(domain, "cpu", mode="host-passthrough", check="none")
         return
-    model, *options = spec.cpu.split(",")
+    arch = spec.arch
+    text = arch.libvirt_cpu if arch.libvirt_cpu and spec.cpu == arch.cpu else spec.cpu
+    model, *options = text.split(",")
     if model == "max":
         cpu = _sub(domain, "cpu", mode="maximum", check="none")
     else:
@@ -92,8 +105,14 @@ def _pci_address(parent: ET.Element, bdf: str, slot: int | None = None) -> None:
     )
 
 
+def _slot(parent: ET.Element, slot: int | None) -> None:
+    """Pin a device to ``slot`` on the root bus (None: leave it to libvirt)."""
+    if slot is not None:
+        _pci_address(parent, "0000:00:00.0", slot=slot)
+
+
 def _nic(devices: ET.Element, nic: Nic, ports: Mapping[frozenset[Path], int],
-         listening: set[frozenset[Path]]) -> None:  # fmt: skip
+         listening: set[frozenset[Path]], slot: int | None) -> None:  # fmt: skip
     if isinstance(nic.link, HostPciLink):
         hostdev = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
         source = _sub(hostdev, "source")
@@ -110,6 +129,7 @@ def _nic(devices: ET.Element, nic: Nic, ports: Mapping[frozenset[Path], int],
     _sub(iface, "model", type=NIC_MODELS.get(nic.model, nic.model))
     _sub(iface, "alias", name=f"ua-{nic.name}")
     _sub(iface, "rom", enabled="no")  # as romfile=: no PXE option ROM, faster boot
+    _slot(iface, slot)
 
 
 def domain_xml(
@@ -155,12 +175,16 @@ def domain_xml(
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log), append="off")
     _sub(serial, "target", port="0")
+    first = FIRST_FREE_SLOT.get(spec.machine)
+    _slot(_sub(devices, "controller", type="virtio-serial", index="0"), first)
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
     _sub(channel, "target", type="virtio", name=AGENT_PORT_NAME)
     listening: set[frozenset[Path]] = set()
+    emulated = [nic for nic in spec.nics if not isinstance(nic.link, HostPciLink)]
     for nic in spec.nics:
-        _nic(devices, nic, ports, listening)
+        slot = None if first is None or nic not in emulated else first + 1 + emulated.index(nic)
+        _nic(devices, nic, ports, listening, slot)
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     ET.register_namespace("kmodtest", METADATA_NS)
