@@ -65,6 +65,9 @@ OPTIONS: dict[str, Option] = {
                "cabled to them", metavar="lan=PCI,client=PCI,wan=PCI,server=PCI"),
         Option("icount", "--icount", "TCG: -icount shift=0,sleep=off (guest time follows "
                "instructions)", default=False, switch=True),
+        Option("no_snapshots", "--no-snapshots", "boot every VM cold instead of restoring a "
+               "VM case's saved state (saved in the cache after its first boot)",
+               default=False, switch=True),
         Option("keep_logs", "--keep-logs", "keep console logs of passing runs too (failing "
                "runs always keep them)", default=False, switch=True),
         Option("log_dir", "--log-dir", "where console logs go (default: ./kmodtest-logs)",
@@ -119,6 +122,7 @@ class Settings:
     libvirt_uri: str | None
     passthrough: str | None
     icount: bool
+    no_snapshots: bool
     keep_logs: bool
     log_dir: Path
     image_cache: Path
@@ -147,6 +151,7 @@ class Settings:
             libvirt_uri=value["libvirt_uri"],
             passthrough=value["passthrough"],
             icount=bool(value["icount"]),
+            no_snapshots=bool(value["no_snapshots"]),
             keep_logs=bool(value["keep_logs"]),
             log_dir=Path(value["log_dir"]).expanduser().absolute(),
             image_cache=Path(value["image_cache"]).expanduser()

@@ -28,6 +28,7 @@ from kmodtest.guest.health import tail
 from kmodtest.lifecycle.case import VmCase, case_nics, wanted_nics
 from kmodtest.lifecycle.images import Images
 from kmodtest.lifecycle.pool import RouterPool
+from kmodtest.lifecycle.snapshots import Snapshots
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cache import discarded as discarded_entries
 from kmodtest.prepare.cells import (
@@ -91,6 +92,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
         backend=settings.backend, libvirt_uri=settings.libvirt_uri,
+        snapshots=None if settings.no_snapshots else Snapshots(cache),
     )  # fmt: skip
     session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs)
     broad = settings.kernel == "all"  # a missing QEMU skips; for named or default cells it fails

@@ -15,7 +15,7 @@ from kmodtest.errors import MachineError
 from kmodtest.guest.channel import AgentChannel, UnixSocketTransport
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import Image
-from kmodtest.run.launcher import RunningMachine
+from kmodtest.run.launcher import RunningMachine, SavableMachine
 from kmodtest.run.machine import MachineSpec, Nic
 
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
@@ -80,6 +80,25 @@ class DirectBoot:
         channel.run("true", timeout=timeout)
         channel.alive = alive
         return channel
+
+
+def connect_restored(machine: SavableMachine, timeout: float) -> AgentChannel:
+    """The agent of a machine restored from a saved state: whatever booted it, the guest is
+    up already. The agent socket is connected while the guest is still paused, then it runs:
+    the agent never sees its host side closed, so its first command answers at once."""
+
+    def alive() -> bool:
+        return machine.alive
+
+    transport = UnixSocketTransport.connect(machine.spec.agent_socket, 30, alive)
+    channel = AgentChannel(transport, alive=alive)
+    try:
+        machine.resume()
+        channel.run("true", timeout=timeout)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
 
 
 def _booting(machine: RunningMachine) -> bool:

@@ -16,6 +16,7 @@ from kmodtest.guest.health import HealthProblem
 from kmodtest.guest.router import Router
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.images import Images
+from kmodtest.lifecycle.snapshots import Snapshots
 from kmodtest.lifecycle.strategy import CaseStrategy
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
@@ -31,6 +32,7 @@ class RouterPool:
     icount: bool = False
     backend: str | None = None  # --backend; None: the cell's backend:, else qemu
     libvirt_uri: str | None = None
+    snapshots: Snapshots | None = None  # saved lab states; None: every VM boots cold
     launchers: dict[str, Launcher] = field(default_factory=dict)  # backend name -> launcher
     strategies: dict[tuple[str, str], CaseStrategy] = field(default_factory=dict)
     current: CaseStrategy | None = None
@@ -62,6 +64,7 @@ class RouterPool:
             self.strategies[case.key] = CaseStrategy(
                 case, self.images, self.launcher_for(case.cell), self.accel_for(case.cell).accel,
                 log_dir=lambda: self._next_log_dir(case), icount=self.icount,
+                snapshots=self.snapshots,
             )  # fmt: skip
         return self.strategies[case.key]
 
@@ -81,10 +84,11 @@ class RouterPool:
         router = strategy.ready()
         self._collect(strategy)
         if self.boots != boots:
+            how = "restored from its saved state" if strategy.restored else "up"
             self.booted.append(
                 f"{router.name}: kernel {router.image.kernel_version}, "
                 f"{strategy.launcher.name}, {router.spec.accel}, "
-                f"up in {router.boot_seconds:.1f} s"
+                f"{how} in {router.boot_seconds:.1f} s"
             )
         return router
 

@@ -5,7 +5,7 @@
 
 :class:`CaseStrategy` is the one place that knows about booting, reuse between tests, health
 windows and teardown; its dependencies are declared fields (the images, the launcher, the
-accelerator), so a libvirt launcher or a snapshot-restoring one plugs in without changing it,
+accelerator, the saved states), so a libvirt launcher or a snapshot-restoring one plugs in,
 and a plan with two guests (router + endpoints VM) walks the same states. A boot that fails
 leaves the case *broken*: every later request fails at once with the first failure, instead of
 booting again for each test. Nothing here knows pytest: the CLI drives it the same way.
@@ -28,15 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest.errors import ChannelError, KmodtestError, MachineError
-from kmodtest.guest.boot import BOOT_TIMEOUT
+from kmodtest.guest.boot import BOOT_TIMEOUT, connect_restored
 from kmodtest.guest.health import HealthProblem
 from kmodtest.guest.router import Router
 from kmodtest.guest.vm import GuestVM, death_note
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.images import Images, failed_before
 from kmodtest.lifecycle.plans import LabPlan, NodePlan, plan_for
-from kmodtest.run.launcher import Launcher, RunningMachine
-from kmodtest.run.machine import MachineSpec
+from kmodtest.lifecycle.snapshots import FINGERPRINT, Snapshots
+from kmodtest.lifecycle.snapshots import KIND as SNAPSHOT_KIND
+from kmodtest.run.launcher import Launcher, RunningMachine, SavableMachine, SnapshotLauncher
+from kmodtest.run.machine import HostPciLink, MachineSpec
 from kmodtest.run.rundirs import new_lab_dir
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,16 @@ class CaseStrategy:
     log_dir: Callable[[], Path]  # a fresh directory for each boot's logs
     icount: bool = False
     boot_timeout: float = BOOT_TIMEOUT
+    snapshots: Snapshots | None = None  # None: every VM boots cold
     state: State = State.OFF
+    restored: bool = False  # the running lab came from a saved state, not a boot
     router: Router | None = None
     broken: KmodtestError | None = None  # the first boot failure, repeated to later requests
     unattributed: list[HealthProblem] = field(default_factory=list)  # found outside any test
     _plan: LabPlan | None = None
     _launched: list[_Launched] = field(default_factory=list)
     _lab_dir: Path | None = None
+    _snapshot_key: str | None = None  # the running lab's saved-state key, if it can have one
 
     # -- what callers ask for ---------------------------------------------------------------
 
@@ -136,9 +141,15 @@ class CaseStrategy:
 
     def _boot(self) -> None:
         try:
-            for step in (self._image_ready, self._launch, self._channel_up, self._network):
+            for step in (self._image_ready, self._launch, self._channel_up):
                 step()
+            if self.restored:
+                self._resync_clock()
+            else:
+                self._network()
             self._ready()
+            if self._snapshot_key is not None and not self.restored:
+                self._save_snapshot(self._snapshot_key)
         except KmodtestError as exc:
             self._stop_launched()
             self.router = None
@@ -160,6 +171,7 @@ class CaseStrategy:
         # its guests live here, and each guest's own sockets in it (or in a role subdirectory)
         self._lab_dir = new_lab_dir()
         several = len(self._plan.nodes) > 1
+        self.restored, self._snapshot_key = False, None
         for node in self._plan.nodes:
             run_dir = self._lab_dir / node.role if several else self._lab_dir
             run_dir.mkdir(exist_ok=True)
@@ -168,7 +180,12 @@ class CaseStrategy:
                 node.cell, node.image, node.nics(self._lab_dir), run_dir,
                 log_dir / node.role if several else log_dir, self.accel, self.icount,
             )  # fmt: skip
-            machine = self.launcher.start(spec)
+            state = self._saved_state(spec)
+            if state is not None and isinstance(self.launcher, SnapshotLauncher):
+                machine: RunningMachine = self.launcher.restore(spec, state)
+                self.restored = True
+            else:
+                machine = self.launcher.start(spec)
             self._launched.append(_Launched(node, spec, machine, time.monotonic()))
         self.state = State.LAUNCHED
 
@@ -177,12 +194,21 @@ class CaseStrategy:
         for launched in self._launched:
             spec, machine = launched.spec, launched.machine
             try:
-                channel = launched.node.boot.connect(machine, self.boot_timeout)
+                if self.restored:
+                    assert isinstance(machine, SavableMachine)
+                    channel = connect_restored(machine, self.boot_timeout)
+                else:
+                    channel = launched.node.boot.connect(machine, self.boot_timeout)
             except (ChannelError, MachineError) as exc:
+                restored = ""
+                if self.restored and self.snapshots and self._snapshot_key:
+                    entry = self.snapshots.cache.path(SNAPSHOT_KIND, self._snapshot_key)
+                    restored = f" (restoring the saved state {entry})"
                 raise MachineError(
-                    f"{spec.name} did not come up: {exc.problem}"
+                    f"{spec.name} did not come up{restored}: {exc.problem}"
                     f"{death_note(machine, self.launcher.name)}",
-                    f"see {spec.console_log} and the {self.launcher.name} log in {spec.log_dir}",
+                    f"see {spec.console_log} and the {self.launcher.name} log in {spec.log_dir}"
+                    + ("; --no-snapshots boots without saved states" if restored else ""),
                 ) from None
             guest = GuestVM.connected(spec, machine, channel, time.monotonic() - launched.at)
             guests[launched.node.role] = guest
@@ -202,6 +228,59 @@ class CaseStrategy:
                 f"see {router.console_log}",
             ) from None
         self.state = State.NETWORK_CONFIGURED
+
+    def _resync_clock(self) -> None:
+        """A restored guest's wall clock is the saved one's: set it to the host's. (Its
+        monotonic clock, jiffies and pending timers resume where they were saved, so
+        conntrack and flowtable timeouts run as in a booted guest.)"""
+        router = self._held()
+        for guest in router.guests.values():
+            guest.check(f"date -u -s @{int(time.time())} >/dev/null")
+        self.state = State.NETWORK_CONFIGURED
+
+    def _saved_state(self, spec: MachineSpec) -> Path | None:
+        """The saved state to restore ``spec`` from; remembers the key for saving one after
+        a cold boot. Labs of one QEMU guest with emulated NICs only can have one."""
+        assert self._plan is not None
+        if (
+            self.snapshots is None
+            or not isinstance(self.launcher, SnapshotLauncher)
+            or len(self._plan.nodes) != 1
+            or any(isinstance(nic.link, HostPciLink) for nic in spec.nics)
+        ):
+            return None
+        self._snapshot_key = self.snapshots.key(spec, self._plan.network)
+        if self._snapshot_key in self.snapshots.failed:
+            self._snapshot_key = None
+            return None
+        return self.snapshots.state(self._snapshot_key)
+
+    def _save_snapshot(self, key: str) -> None:
+        """Save the freshly booted, healthy lab for later VMs of this case. A failure to save
+        is logged (with the reason in the run's summary) and the booted VM is used as is."""
+        assert self.snapshots is not None and self._plan is not None and self.router is not None
+        assert isinstance(self.launcher, SnapshotLauncher)
+        launched = self._launched[0]
+        machine = launched.machine
+        assert isinstance(machine, SavableMachine)
+        node, log_dir = launched.node, launched.spec.log_dir / "snapshot-verify"
+
+        def scratch_spec(run_dir: Path) -> MachineSpec:
+            return node.boot.machine_spec(
+                f"{self.case.name}-verify", node.cell, node.image, node.nics(run_dir), run_dir,
+                log_dir, self.accel, self.icount,
+            )  # fmt: skip
+
+        try:
+            fingerprint = self.router.vm.check(FINGERPRINT)
+            self.snapshots.save(
+                key, machine, self.launcher, scratch_spec, fingerprint, self.boot_timeout
+            )
+        except KmodtestError as exc:
+            log.warning("%s: state not saved, later VMs boot cold: %s", self.case.name, exc)
+            self.snapshots.failed.setdefault(key, exc.problem)
+        if not machine.alive:
+            raise MachineError(f"{self.case.name}: the VM exited while its state was saved")
 
     def _ready(self) -> None:
         """The boot's own console window: a kernel problem while booting is a boot failure."""

@@ -7,7 +7,8 @@ is another. Everything above this module (channel, Host, health, lifecycle) talk
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from kmodtest.errors import ConfigError
 from kmodtest.run.machine import MachineSpec
@@ -41,6 +42,25 @@ class Launcher(Protocol):
     def start(self, spec: MachineSpec) -> RunningMachine: ...
 
 
+@runtime_checkable
+class SavableMachine(RunningMachine, Protocol):
+    """A machine whose whole state can be written to a file and loaded into a new one."""
+
+    def save(self, path: Path) -> None:
+        """Pause, write the state to ``path``, resume."""
+
+    def resume(self) -> None:
+        """A restored machine waits paused until this (so its agent can connect first)."""
+
+
+@runtime_checkable
+class SnapshotLauncher(Launcher, Protocol):
+    """A launcher that can also start a machine from a saved state (QEMU: migration files)."""
+
+    def restore(self, spec: MachineSpec, state: Path) -> SavableMachine:
+        """Start ``spec``'s devices loading ``state``, paused until ``resume()``."""
+
+
 class QemuLauncher:
     """QEMU as a registered child process (see :mod:`kmodtest.run.qemu`)."""
 
@@ -53,6 +73,11 @@ class QemuLauncher:
         from kmodtest.run.qemu import QemuProcess
 
         return QemuProcess.start(spec)
+
+    def restore(self, spec: MachineSpec, state: Path) -> SavableMachine:
+        from kmodtest.run.qemu import QemuProcess
+
+        return QemuProcess.start(spec, state)
 
 
 BACKENDS = ("qemu", "libvirt")

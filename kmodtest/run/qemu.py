@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from kmodtest import processes
 from kmodtest.errors import MachineError
 from kmodtest.run.machine import HostPciLink, MachineSpec
+from kmodtest.run.snapshot import resume_restored, save_state
 
 log = logging.getLogger(__name__)
 
 AGENT_PORT_NAME = "org.kmodtest.agent"
 
 
-def _opt(path: object) -> str:
+def option_path(path: object) -> str:
     """A path as a value inside a QEMU ``key=value,...`` option: commas doubled (QEMU's own
     escape), so a --log-dir or TMPDIR with a comma cannot add or cut options."""
     return str(path).replace(",", ",,")
 
 
-def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
-    """The full command line; deterministic, so it is tested as a golden value."""
+def qemu_argv(
+    spec: MachineSpec, binary: str | None = None, incoming_fd: int | None = None
+) -> list[str]:
+    """The full command line; deterministic, so it is tested as a golden value.
+
+    ``incoming_fd``: restore a saved state from that (inherited) fd instead of booting, and
+    stay paused until QMP ``cont`` (:mod:`kmodtest.run.snapshot`)."""
     argv = [
         binary or spec.arch.qemu_binary,
         "-name", spec.name,
@@ -40,11 +48,11 @@ def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
     if spec.icount and spec.accel == "tcg":
         argv += ["-icount", "shift=0,sleep=off"]
     argv += [
-        "-chardev", f"file,id=console,path={_opt(spec.console_log)}",
+        "-chardev", f"file,id=console,path={option_path(spec.console_log)}",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
+        "-qmp", f"unix:{option_path(spec.qmp_socket)},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=agent,path={_opt(spec.agent_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={option_path(spec.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
     ]  # fmt: skip
     for nic in spec.nics:
@@ -56,13 +64,15 @@ def qemu_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
             continue
         argv += [
             "-netdev",
-            f"dgram,id={nic.name},local.type=unix,local.path={_opt(nic.link.local)},"
-            f"remote.type=unix,remote.path={_opt(nic.link.remote)}",
+            f"dgram,id={nic.name},local.type=unix,local.path={option_path(nic.link.local)},"
+            f"remote.type=unix,remote.path={option_path(nic.link.remote)}",
             "-device",
             # romfile= skips the PXE option ROM: nothing network-boots, and it saves boot time
             f"{nic.model},netdev={nic.name},mac={nic.mac},romfile=",
         ]
     argv += spec.arch.extra_args
+    if incoming_fd is not None:
+        argv += ["-S", "-incoming", f"fd:{incoming_fd}"]
     return argv
 
 
@@ -81,18 +91,32 @@ class QemuProcess:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, spec: MachineSpec) -> QemuProcess:
+    def start(cls, spec: MachineSpec, state: Path | None = None) -> QemuProcess:
+        """Boot ``spec``, or with ``state`` load that saved state and wait paused."""
         binary = find_qemu(spec)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         spec.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = qemu_argv(spec, binary)
-        (spec.log_dir / "qemu.argv").write_text(" ".join(argv) + "\n")
-        log.info("starting %s: %s", spec.name, " ".join(argv))
-        with open(spec.log_dir / "qemu.stderr", "wb") as stderr:
+        with contextlib.ExitStack() as files:
+            fds: tuple[int, ...] = ()
+            if state is not None:
+                fds = (files.enter_context(open(state, "rb")).fileno(),)
+            argv = qemu_argv(spec, binary, incoming_fd=fds[0] if fds else None)
+            (spec.log_dir / "qemu.argv").write_text(" ".join(argv) + "\n")
+            log.info("starting %s: %s", spec.name, " ".join(argv))
+            stderr = files.enter_context(open(spec.log_dir / "qemu.stderr", "wb"))
             proc = processes.spawn(
-                argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT
-            )
+                argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
+                pass_fds=fds,
+            )  # fmt: skip
         return cls(spec, proc)
+
+    def save(self, path: Path) -> None:
+        """Write the running guest's state to ``path`` (it pauses meanwhile)."""
+        save_state(self.spec, path)
+
+    def resume(self) -> None:
+        """Run a guest started from a saved state, once QEMU has loaded it."""
+        resume_restored(self.spec, lambda: self.alive)
 
     @property
     def alive(self) -> bool:

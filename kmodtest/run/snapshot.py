@@ -1,0 +1,116 @@
+"""A running QEMU's whole state to a file, and back into a fresh QEMU (QMP, migration over fds).
+
+Saving pauses the guest, streams its state with ``migrate fd:`` into a file QEMU receives over
+the QMP socket (SCM_RIGHTS, so no path ever passes through a shell), and resumes it. Restoring
+starts QEMU with the same devices plus ``-S -incoming fd:N`` (the file as an inherited fd):
+it loads the state and stays paused, so the caller can connect the agent socket *before* the
+guest runs again. That order matters: virtio-serial tells the guest about a host side that
+is not connected when the guest resumes, and the agent would read end-of-file and restart.
+Backends (chardev files, unix sockets, dgram links) are not part of the state, so a restored
+VM gets its own sockets and console file.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from kmodtest.errors import MachineError
+from kmodtest.run.machine import MachineSpec
+
+QMP_CONNECT_TIMEOUT = 30.0
+SAVE_TIMEOUT = 120.0
+MAX_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default (32 MiB/s) would throttle a local file
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    """``qemu-system-* --version``'s first line: a state never loads into another QEMU."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0].strip()
+
+
+def _monitor(spec: MachineSpec, alive: Callable[[], bool] | None = None) -> QEMUMonitorProtocol:
+    """A QMP connection to ``spec``'s QEMU, retried until its socket answers."""
+    deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+    while True:
+        monitor = QEMUMonitorProtocol(str(spec.qmp_socket))
+        try:
+            monitor.connect()
+            monitor.settimeout(SAVE_TIMEOUT)
+            return monitor
+        except Exception as exc:  # socket errors, and qemu.qmp's own types wrapping them
+            monitor.close()
+            if alive is not None and not alive():
+                raise MachineError(
+                    f"{spec.name}: QEMU exited before its QMP socket answered"
+                ) from None
+            if time.monotonic() > deadline:
+                raise MachineError(f"{spec.name}: QMP socket {spec.qmp_socket}: {exc}") from None
+            time.sleep(0.01)
+
+
+def _cmd(monitor: QEMUMonitorProtocol, spec: MachineSpec, name: str, **args: object) -> object:
+    try:
+        return monitor.cmd(name, **args)
+    except Exception as exc:  # QMP error replies carry QEMU's own message
+        raise MachineError(f"{spec.name}: QMP {name} failed: {exc}") from None
+
+
+def save_state(spec: MachineSpec, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+    """Pause the running VM, write its state to ``path``, resume it (also when saving fails)."""
+    monitor = _monitor(spec)
+    try:
+        _cmd(monitor, spec, "stop")
+        try:
+            _cmd(monitor, spec, "migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
+            with open(path, "wb") as state:
+                monitor.send_fd_scm(state.fileno())
+                _cmd(monitor, spec, "getfd", fdname="snapshot")
+                _cmd(monitor, spec, "migrate", uri="fd:snapshot")
+                _wait_migration(monitor, spec, timeout)
+        finally:
+            _cmd(monitor, spec, "cont")
+    finally:
+        monitor.close()
+
+
+def _wait_migration(monitor: QEMUMonitorProtocol, spec: MachineSpec, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _cmd(monitor, spec, "query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise MachineError(f"{spec.name}: saving its state failed: {info.get('error-desc')}")
+        if time.monotonic() > deadline:
+            raise MachineError(f"{spec.name}: saving its state took over {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def resume_restored(
+    spec: MachineSpec, alive: Callable[[], bool], timeout: float = SAVE_TIMEOUT
+) -> None:
+    """Wait until a QEMU started with ``-S -incoming`` has loaded its state, then run it."""
+    monitor = _monitor(spec, alive)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = _cmd(monitor, spec, "query-status")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "paused":
+                break
+            if state not in ("inmigrate", "prelaunch"):
+                raise MachineError(f"{spec.name}: restoring its state ended in state {state!r}")
+            if time.monotonic() > deadline:
+                raise MachineError(f"{spec.name}: loading its state took over {timeout:.0f} s")
+            time.sleep(0.005)
+        _cmd(monitor, spec, "cont")
+    finally:
+        monitor.close()
