@@ -80,3 +80,8 @@ def test_missing_qemu_binary_names_the_package(tmp_path, monkeypatch):
         QemuProcess.start(spec(tmp_path, arch="arm64"))
     assert "qemu-system-aarch64 is not installed" in str(err.value)
     assert "apt-get install qemu-system-arm" in str(err.value)
+
+
+def test_a_restore_loads_the_state_from_the_inherited_fd_and_waits_paused(tmp_path):
+    booted, restored = qemu_argv(spec(tmp_path)), qemu_argv(spec(tmp_path), incoming_fd=7)
+    assert restored == [*booted, "-S", "-incoming", "fd:7"]  # the same devices, or no load
