@@ -100,6 +100,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args, cells, _builder(args))
 
 
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from kmodtest.face.benchboot import run_bench_boot
+
+    _matrix, cells = _select(args, default_all=False)
+    return run_bench_boot(args, cells, _builder(args))
+
+
 def cmd_bench_matrix(args: argparse.Namespace) -> int:
     from kmodtest.face.benchmatrix import run_bench_matrix
 
@@ -194,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
     options.add_to_argparse(p, ["accel", "backend", "libvirt_uri"])
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-boot",
+        help="boot to first command, cold and restored from a saved state, next to "
+        "virtme-ng's on the same kernel (alternating, medians, ratios)",
+    )
+    _add_selectors(p)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of cold, restored, virtme-ng")
+    options.add_to_argparse(p, ["accel"])
+    p.set_defaults(func=cmd_bench_boot)
 
     p = sub.add_parser(
         "bench-matrix",

@@ -1,0 +1,126 @@
+"""``kmodtest bench-boot``: boot to first command, cold and restored, next to virtme-ng's.
+
+Each round runs, one after another on the same kernel image: a cold boot of the case (no saved
+state), a restore of its saved state, and ``vng --run <kernel> --disable-kvm --force-9p --
+true`` (virtme-ng, the tool kernel developers use). Alternating them round by round (A B C A B
+C ...) spreads the machine's load over all three; the table gives medians and the ratios to
+virtme-ng's. Ours is timed from QEMU's start to the agent's first answer; virtme-ng's is the
+whole command (it runs ``true`` and powers off), measured the way a user waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kmodtest import processes
+from kmodtest.face.options import Settings
+from kmodtest.lifecycle.case import VmCase
+from kmodtest.lifecycle.images import Images
+from kmodtest.lifecycle.pool import RouterPool
+from kmodtest.lifecycle.snapshots import Snapshots
+from kmodtest.prepare.cells import Cell
+from kmodtest.prepare.images import ImageBuilder
+from kmodtest.run.accel import choose_accel
+
+console = Console()
+VNG_TIMEOUT = 300.0
+
+
+def find_vng() -> str | None:
+    """virtme-ng's ``vng``: next to this Python first (a venv), then on PATH."""
+    local = Path(sys.executable).parent / "vng"
+    return str(local) if local.exists() else shutil.which("vng")
+
+
+def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        proc = processes.spawn(
+            [vng, "--run", str(kernel), "--disable-kvm", "--force-9p", "--", "true"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            proc.wait(VNG_TIMEOUT)
+        finally:
+            processes.terminate(proc)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"vng exited with {proc.returncode}; see {log}")
+    return seconds
+
+
+def _ours(pool: RouterPool, case: VmCase) -> tuple[float, float]:
+    """(launch to first command, launch to ready for a test) of one fresh VM of ``case``."""
+    pool.stop_current()
+    start = time.perf_counter()
+    router = pool.acquire(case)
+    ready = time.perf_counter() - start
+    pool.end_test(case)
+    pool.stop_current()
+    return router.boot_seconds, ready
+
+
+def _bench_cell(
+    args: argparse.Namespace, cell: Cell, builder: ImageBuilder, table: Table, logs: Path
+) -> None:
+    settings = Settings.from_args(args)
+    accel = choose_accel(cell.arch, settings.accel).accel
+    image = builder.get(cell)
+    case = VmCase(cell, args.nic or cell.spec.nics[0])
+    cold = RouterPool(Images(builder), logs / "cold", accel=accel)
+    warm = RouterPool(Images(builder), logs / "restored", accel=accel,
+                      snapshots=Snapshots(builder.cache))  # fmt: skip
+    vng = find_vng()
+    times: dict[str, list[float]] = {"cold": [], "cold ready": [], "restored": [],
+                                     "restored ready": [], "vng": []}  # fmt: skip
+    try:
+        _ours(warm, case)  # the saved state exists before the first timed round
+        for _ in range(args.rounds):
+            for name, pool in (("cold", cold), ("restored", warm)):
+                first, ready = _ours(pool, case)
+                times[name].append(first)
+                times[f"{name} ready"].append(ready)
+            if vng is not None:
+                times["vng"].append(_vng_seconds(vng, image.kernel, logs / "vng.log"))
+    finally:
+        cold.close()
+        warm.close()
+
+    def median(name: str) -> float:
+        return statistics.median(times[name])
+
+    def row(figure: str, name: str, target: str = "") -> None:
+        ratio = f"{median(name) / median('vng'):.2f}x" if times["vng"] else ""
+        spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
+        table.add_row(cell.id, figure, f"{median(name):.2f} s", spread, ratio, target)
+
+    table.add_row(cell.id, f"case {case.name}, kernel {image.kernel_version}, {accel}",
+                  f"{args.rounds} rounds", "", "", "")  # fmt: skip
+    row("cold boot to first command", "cold", "<= 1.0x")
+    row("cold boot to ready for a test (network set up)", "cold ready")
+    row("restore to first command", "restored", "<= 1 s, <= 0.3x")
+    row("restore to ready for a test (clock set)", "restored ready")
+    if times["vng"]:
+        row("virtme-ng: vng --run KERNEL --disable-kvm --force-9p -- true", "vng")
+    else:
+        table.add_row(cell.id, "virtme-ng", "not installed", "", "",
+                      "pip install virtme-ng (into this venv) for the comparison")  # fmt: skip
+
+
+def run_bench_boot(args: argparse.Namespace, cells: list[Cell], builder: ImageBuilder) -> int:
+    table = Table("cell", "figure", "median", "min-max", "vs virtme-ng", "target")
+    with tempfile.TemporaryDirectory(prefix="kmodtest-bench-boot-") as tmp:
+        for cell in cells:
+            _bench_cell(args, cell, builder, table, Path(tmp))
+    console.print(table)
+    return 0
