@@ -76,7 +76,8 @@ def _bench_cell(
     settings = Settings.from_args(args)
     accel = choose_accel(cell.arch, settings.accel).accel
     image = builder.get(cell)
-    case = VmCase(cell, args.nic or cell.spec.nics[0])
+    wanted = args.nic.split(",") if args.nic else cell.spec.nics
+    case = VmCase(cell, next(n for n in cell.spec.nics if n in wanted))
     cold = RouterPool(Images(builder), logs / "cold", accel=accel)
     warm = RouterPool(Images(builder), logs / "restored", accel=accel,
                       snapshots=Snapshots(builder.cache))  # fmt: skip
