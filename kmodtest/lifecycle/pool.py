@@ -85,10 +85,11 @@ class RouterPool:
         self._collect(strategy)
         if self.boots != boots:
             how = "restored from its saved state" if strategy.restored else "up"
+            unsaved = f" (its state was not saved: {strategy.unsaved})" if strategy.unsaved else ""
             self.booted.append(
                 f"{router.name}: kernel {router.image.kernel_version}, "
                 f"{strategy.launcher.name}, {router.spec.accel}, "
-                f"{how} in {router.boot_seconds:.1f} s"
+                f"{how} in {router.boot_seconds:.1f} s{unsaved}"
             )
         return router
 

@@ -75,6 +75,7 @@ class CaseStrategy:
     snapshots: Snapshots | None = None  # None: every VM boots cold
     state: State = State.OFF
     restored: bool = False  # the running lab came from a saved state, not a boot
+    unsaved: str | None = None  # why the last cold boot's state could not be saved
     router: Router | None = None
     broken: KmodtestError | None = None  # the first boot failure, repeated to later requests
     unattributed: list[HealthProblem] = field(default_factory=list)  # found outside any test
@@ -257,7 +258,7 @@ class CaseStrategy:
 
     def _save_snapshot(self, key: str) -> None:
         """Save the freshly booted, healthy lab for later VMs of this case. A failure to save
-        is logged (with the reason in the run's summary) and the booted VM is used as is."""
+        is logged (and named in the run's list of VMs) and the booted VM is used as is."""
         assert self.snapshots is not None and self._plan is not None and self.router is not None
         assert isinstance(self.launcher, SnapshotLauncher)
         launched = self._launched[0]
@@ -278,6 +279,7 @@ class CaseStrategy:
             )
         except KmodtestError as exc:
             log.warning("%s: state not saved, later VMs boot cold: %s", self.case.name, exc)
+            self.unsaved = exc.problem.splitlines()[0]
             self.snapshots.failed.setdefault(key, exc.problem)
         if not machine.alive:
             raise MachineError(f"{self.case.name}: the VM exited while its state was saved")
