@@ -11,6 +11,7 @@ whole command (it runs ``true`` and powers off), measured the way a user waits f
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,11 +44,13 @@ def find_vng() -> str | None:
 
 
 def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
+    # vng runs its siblings (virtme-run) through the shell: its directory goes first on PATH
+    env = {**os.environ, "PATH": f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.perf_counter()
     with open(log, "ab") as out:
         proc = processes.spawn(
             [vng, "--run", str(kernel), "--disable-kvm", "--force-9p", "--", "true"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         try:
             proc.wait(VNG_TIMEOUT)
@@ -55,7 +58,8 @@ def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
             processes.terminate(proc)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"vng exited with {proc.returncode}; see {log}")
+        said = log.read_text(errors="replace")[-1500:]
+        raise SystemExit(f"vng exited with {proc.returncode}; it said:\n{said}")
     return seconds
 
 
