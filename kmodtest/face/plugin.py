@@ -92,7 +92,9 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
         backend=settings.backend, libvirt_uri=settings.libvirt_uri,
-        snapshots=None if settings.no_snapshots else Snapshots(cache),
+        # a module change (--module-patch/--module-src) is a new image each time: its saved
+        # state would be used by one run and kept for nothing
+        snapshots=None if settings.no_snapshots or images.overlay else Snapshots(cache),
     )  # fmt: skip
     session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs)
     broad = settings.kernel == "all"  # a missing QEMU skips; for named or default cells it fails
