@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from kmodtest.prepare.keys import artifact_key
 from kmodtest.run.launcher import SavableMachine, SnapshotLauncher
 from kmodtest.run.machine import MachineSpec
 from kmodtest.run.qemu import find_qemu, option_path, qemu_argv
+from kmodtest.run.rundirs import new_lab_dir
 from kmodtest.run.snapshot import qemu_version
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _verify(
 ) -> float:  # fmt: skip
     """Restore ``state`` into a scratch VM: it must answer, repeat ``fingerprint`` and show no
     kernel problem. Returns restore-to-first-command in seconds."""
-    run_dir = Path(tempfile.mkdtemp(prefix="kt-"))
+    run_dir = new_lab_dir()
     spec = scratch_spec(run_dir)
     try:
         start = time.monotonic()
