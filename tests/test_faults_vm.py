@@ -101,7 +101,11 @@ def inner_tmp(short_tmp, monkeypatch):
 
 
 def _boots(result: pytest.RunResult) -> int:
-    return sum(1 for line in result.outlines if ": kernel " in line and " up in " in line)
+    """VMs started in the inner run: booted cold, or restored from the case's saved state."""
+    started = (" up in ", " restored from its saved state in ")
+    return sum(
+        1 for line in result.outlines if ": kernel " in line and any(s in line for s in started)
+    )
 
 
 def test_guest_panic_fails_that_test_and_the_next_gets_a_fresh_vm(
