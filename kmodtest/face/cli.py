@@ -15,13 +15,14 @@ from kmodtest.face import kernelcmd, mutate, options, validate
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix, load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
+from kmodtest.prepare.openwrt import OpenWrtImages
 from kmodtest.progress import Progress
 
 console = Console()
 
 
 def _add_selectors(parser: argparse.ArgumentParser) -> None:
-    options.add_to_argparse(parser, [*options.SELECTORS, *options.DIRS])
+    options.add_to_argparse(parser, [*options.SELECTORS, *options.DIRS, "openwrt_mirror"])
 
 
 def _select(args: argparse.Namespace, default_all: bool = True) -> tuple[Matrix, list[Cell]]:
@@ -36,23 +37,68 @@ def _builder(args: argparse.Namespace, quiet: bool = False) -> ImageBuilder:
     return ImageBuilder(Cache(settings.image_cache), settings.images_dir, Progress(quiet=quiet))
 
 
+def _openwrt(args: argparse.Namespace, quiet: bool = False) -> OpenWrtImages:
+    settings = options.Settings.from_args(args)
+    return OpenWrtImages(
+        Cache(settings.image_cache),
+        settings.images_dir,
+        Progress(quiet=quiet),
+        settings.openwrt_mirror,
+    )
+
+
+def _source_text(cell: Cell) -> str:
+    if (ow := cell.openwrt) is not None:
+        what = ow.version or "local build"
+        return f"openwrt:{what} {ow.target} ({ow.boot_path})"
+    return f"{cell.spec.source.kind}:{getattr(cell.spec.source, 'suite', '')}"
+
+
 def cmd_cells(args: argparse.Namespace) -> int:
     _matrix, cells = _select(args)
     builder = _builder(args, quiet=True)
+    openwrt = _openwrt(args, quiet=True)
     table = Table("cell", "arch", "source", "NICs", "default", "ci", "cached kernel")
     for cell in cells:
-        src = cell.spec.source
-        image = None if unbuilt_local_kernel(cell) else builder.cached(cell)
+        if cell.openwrt is not None:
+            ow_image = openwrt.cached(cell)
+            kernel = ow_image.kernel_version if ow_image else f"- (kmodtest fetch {cell.id})"
+        else:
+            image = None if unbuilt_local_kernel(cell) else builder.cached(cell)
+            kernel = image.kernel_version if image else "-"
         table.add_row(
             cell.id,
             cell.arch.name,
-            f"{src.kind}:{getattr(src, 'suite', '')}",
+            _source_text(cell),
             ",".join(cell.spec.nics),
             "yes" if cell.spec.default else "",
             "yes" if cell.spec.ci else "",
-            image.kernel_version if image else "-",
+            kernel,
         )
     console.print(table)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download, verify and prepare the images of OpenWrt cells ahead of time."""
+    matrix = load_matrix(options.Settings.from_args(args).kernels_dir)
+    cells = [matrix.get(c) for c in args.cells] if args.cells else list(matrix.cells)
+    cells = [c for c in cells if c.openwrt is not None]
+    if not cells:
+        raise KmodtestError(
+            "no OpenWrt cell selected", "name cells whose source is {kind: openwrt, ...}"
+        )
+    openwrt = _openwrt(args)
+    for cell in cells:
+        image = openwrt.fetch(cell)
+        console.print(f"{cell.id}: {image.description}, kernel {image.kernel_version}")
+        for role, info in image.manifest["sources"].items():
+            console.print(
+                f"  {role}: {info['file']} sha256 {info['sha256'][:16]}… "
+                f"(verified against {info['sha256_from']})",
+                highlight=False,
+            )
+        console.print(f"  {image.path}", highlight=False)
     return 0
 
 
@@ -83,6 +129,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     _matrix, cells = _select(args, default_all=False)
     builder = _builder(args)
     for cell in cells:
+        if cell.openwrt is not None:
+            console.print(
+                f"{cell.id}: OpenWrt images are fetched, not built: kmodtest fetch {cell.id}"
+            )
+            continue
         image = builder.get(cell, refresh=args.refresh)
         manifest = image.manifest
         console.print(
@@ -180,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cells", help="list the matrix cells")
     _add_selectors(p)
     p.set_defaults(func=cmd_cells)
+
+    p = sub.add_parser("fetch", help="download, verify and prepare OpenWrt cells' images")
+    p.add_argument("cells", nargs="*", help="cell ids (default: every OpenWrt cell)")
+    options.add_to_argparse(p, [*options.DIRS, "openwrt_mirror"])
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("matrix", help="print the selected cells as GitHub Actions matrix JSON")
     _add_selectors(p)

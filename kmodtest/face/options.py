@@ -80,6 +80,9 @@ OPTIONS: dict[str, Option] = {
                "if it exists, else the matrix kmodtest ships)", metavar="DIR"),
         Option("images_dir", "--images-dir", "image recipe directory (default: ./images if "
                "it exists, else the recipes kmodtest ships)", metavar="DIR"),
+        Option("openwrt_mirror", "--openwrt-mirror", "OpenWrt download server base URL "
+               "(default: $KMODTEST_OPENWRT_MIRROR, else images/openwrt-releases.yaml's)",
+               metavar="URL"),
     )
 }  # fmt: skip
 SELECTORS = ("kernel", "arch", "nic")
@@ -129,6 +132,7 @@ class Settings:
     refresh_images: bool
     kernels_dir: Path
     images_dir: Path
+    openwrt_mirror: str | None
     given: frozenset[str]  # the options the user set (command line or ini)
 
     @classmethod
@@ -160,6 +164,7 @@ class Settings:
             refresh_images=bool(value["refresh_images"]),
             kernels_dir=_data_dir(value["kernels_dir"], root, "kernels"),
             images_dir=_data_dir(value["images_dir"], root, "images"),
+            openwrt_mirror=value["openwrt_mirror"],
             given=given,
         )
 

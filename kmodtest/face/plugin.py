@@ -39,6 +39,7 @@ from kmodtest.prepare.cells import (
     unbuilt_local_kernel,
 )
 from kmodtest.prepare.images import ImageBuilder
+from kmodtest.prepare.openwrt import OpenWrtImages
 from kmodtest.prepare.recipes import load_recipe
 from kmodtest.progress import Progress
 from kmodtest.run import rundirs
@@ -88,6 +89,9 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         ImageBuilder(cache, settings.images_dir, Progress(quiet=quiet)),
         refresh=settings.refresh_images,
         overlay=patching.overlay_builder(config, cache, quiet, log_root),  # --module-patch
+        openwrt=OpenWrtImages(
+            cache, settings.images_dir, Progress(quiet=quiet), settings.openwrt_mirror
+        ),
     )
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
@@ -99,6 +103,11 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs)
     broad = settings.kernel == "all"  # a missing QEMU skips; for named or default cells it fails
     for cell in cells:
+        if cell.openwrt is not None:  # downloaded ahead of time; never fetched mid-run
+            assert images.openwrt is not None
+            if why := images.openwrt.missing(cell, _fetch_command(settings, cell.id)):
+                session.skips[cell.id] = why
+                continue
         arch = cell.arch
         try:
             processes.require_tool(arch.qemu_binary, arch.qemu_package, error=MachineError)
@@ -127,6 +136,15 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     if images.overlay is not None:  # cells the module loop cannot build for (cross arches)
         session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
+
+
+def _fetch_command(settings: Settings, cell_id: str) -> str:
+    """The ``kmodtest fetch`` line that puts a cell's image where this run looks for it."""
+    return " ".join(
+        ["kmodtest fetch", cell_id]
+        + [a for a in settings.argv(*options.DIRS, "openwrt_mirror")
+           if a.split("=")[0].lstrip("-").replace("-", "_") in settings.given]
+    )  # fmt: skip
 
 
 def passthrough_option(value: str | None) -> PassthroughSpec | None:
@@ -212,7 +230,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     )
     for cell in session.cells:
         try:
-            image = session.pool.images.builder.cached(cell)
+            image = session.pool.images.cached(cell)
         except KmodtestError:
             image = None
         version = image.kernel_version if image else "(image not built yet)"

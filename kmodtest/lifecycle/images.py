@@ -1,4 +1,8 @@
-"""Each cell's image for this run: built or found once, layered once, and never retried."""
+"""Each cell's image for this run: built or found once, layered once, and never retried.
+
+Debian and local-kernel cells are built (:class:`ImageBuilder`); OpenWrt cells are downloaded
+ahead of time by ``kmodtest fetch`` (:class:`OpenWrtImages`) and only looked up here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass, field
 from kmodtest.errors import KmodtestError
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import Image, ImageBuilder
+from kmodtest.prepare.openwrt import OpenWrtImage, OpenWrtImages
 
 
 def failed_before(exc: KmodtestError, what: str) -> KmodtestError:
@@ -22,6 +27,7 @@ class Images:
     refresh: bool = False  # re-resolve package versions (once per cell and run)
     # a layer over each base image (--module-patch): (cell, base image) -> layered image
     overlay: Callable[[Cell, Image], Image] | None = None
+    openwrt: OpenWrtImages | None = None  # None: OpenWrt cells cannot run (tests, CLI helpers)
     built: dict[str, Image] = field(default_factory=dict)
     failed: dict[str, KmodtestError] = field(default_factory=dict)
 
@@ -36,3 +42,22 @@ class Images:
                 self.failed[cell.id] = exc
                 raise
         return self.built[cell.id]
+
+    def openwrt_image(self, cell: Cell) -> OpenWrtImage:
+        """An OpenWrt cell's prepared image: fetched and verified before the run (the plugin
+        skips a cell whose files are not in the cache), so this never downloads."""
+        if self.openwrt is None:
+            raise KmodtestError(f"cell {cell.id}: this run has no OpenWrt image source")
+        image = self.openwrt.cached(cell)
+        if image is None:
+            raise KmodtestError(
+                f"cell {cell.id}: its OpenWrt image is not in the cache",
+                f"kmodtest fetch {cell.id}",
+            )
+        return image
+
+    def cached(self, cell: Cell) -> Image | OpenWrtImage | None:
+        """The cell's image if the cache has it (nothing built or fetched), for reports."""
+        if cell.openwrt is not None:
+            return self.openwrt.cached(cell) if self.openwrt is not None else None
+        return self.builder.cached(cell)

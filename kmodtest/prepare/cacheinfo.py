@@ -31,7 +31,8 @@ class CacheEntry:
 
     @property
     def temporary(self) -> bool:
-        return self.kind == "work" or self.path.name.startswith(".")
+        # partial/: downloads an interrupted run left for the next to resume
+        return self.kind in ("work", "partial") or self.path.name.startswith(".")
 
 
 def _size(path: Path) -> int:
@@ -63,6 +64,8 @@ def live_paths(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> set[Pat
     live: set[Path] = set()
     for cell in cells:
         if unbuilt_local_kernel(cell):  # nothing was built from a kernel that does not exist
+            continue
+        if cell.openwrt is not None:  # downloads and prepared OpenWrt images are keyed by content
             continue
         if found := builder.indexed(cell):
             live.update(found)

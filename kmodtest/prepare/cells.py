@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kmodtest.arches import ARCHES, Arch
 from kmodtest.errors import ConfigError
@@ -58,7 +58,67 @@ class LocalSource(_Strict):
     suite: str = "trixie"  # userland packages come from this suite
 
 
-SourceSpec = Annotated[DebianSource | LocalSource, Field(discriminator="kind")]
+# OpenWrt targets kmodtest boots: the arch each needs, and its boot paths (the first is the
+# default). x86/64: ``direct`` takes /boot/vmlinuz and GRUB's command line out of the combined
+# image's partition 1 and boots it with the disk attached; ``firmware`` boots the disk as
+# shipped (SeaBIOS -> GRUB). armsr/armv8: ``initramfs`` is the initramfs kernel alone;
+# ``kernel-rootfs`` is kernel.bin with the ext4 rootfs as /dev/vda.
+OPENWRT_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "x86/64": ("x86_64", ("direct", "firmware")),
+    "armsr/armv8": ("arm64", ("initramfs", "kernel-rootfs")),
+}
+
+
+class LocalFile(_Strict):
+    """A file of the user's own OpenWrt build (``bin/targets/...``), pinned by its sha256."""
+
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class OpenWrtSource(_Strict):
+    """An OpenWrt image: a release from ``images/openwrt-releases.yaml``, or a local build.
+
+    ``version`` names a release of the manifest (files, sha256 and kernel come from there);
+    ``files`` instead names the user's own image files by role (combined, initramfs, kernel,
+    rootfs) with the sha256 each must have.
+    """
+
+    kind: Literal["openwrt"]
+    target: str
+    version: str | None = None
+    files: dict[str, LocalFile] | None = None
+    kernel: str | None = None  # a local build's kernel version (releases: from the manifest)
+    boot: str | None = None  # default: the target's first boot path
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        if value not in OPENWRT_TARGETS:
+            raise ValueError(
+                f"unknown OpenWrt target {value!r}; known: {', '.join(OPENWRT_TARGETS)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin_and_known_boot(self) -> OpenWrtSource:
+        if (self.version is None) == (self.files is None):
+            raise ValueError("give either version (a release) or files (a local build)")
+        if self.files is not None and not self.kernel:
+            raise ValueError("a local build needs kernel: its kernel version (e.g. 6.6.119)")
+        boots = OPENWRT_TARGETS[self.target][1]
+        if self.boot is not None and self.boot not in boots:
+            raise ValueError(
+                f"boot {self.boot!r} is not one of {self.target}'s: {', '.join(boots)}"
+            )
+        return self
+
+    @property
+    def boot_path(self) -> str:
+        return self.boot or OPENWRT_TARGETS[self.target][1][0]
+
+
+SourceSpec = Annotated[DebianSource | LocalSource | OpenWrtSource, Field(discriminator="kind")]
 
 
 class PassthroughSpec(_Strict):
@@ -113,6 +173,14 @@ class CellSpec(_Strict):
             raise ValueError(f"unknown arch {value!r}; known: {', '.join(ARCHES)}")
         return value
 
+    @model_validator(mode="after")
+    def _openwrt_target_matches_arch(self) -> CellSpec:
+        if isinstance(self.source, OpenWrtSource):
+            arch = OPENWRT_TARGETS[self.source.target][0]
+            if self.arch != arch:
+                raise ValueError(f"OpenWrt target {self.source.target} runs on arch {arch}")
+        return self
+
     @field_validator("nics")
     @classmethod
     def _known_nics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -155,6 +223,12 @@ class Cell:
 
     def with_passthrough(self, ports: PassthroughSpec) -> Cell:
         return replace(self, spec=self.spec.model_copy(update={"passthrough": ports}))
+
+    @property
+    def openwrt(self) -> OpenWrtSource | None:
+        """The OpenWrt source of an OpenWrt cell, else None."""
+        src = self.spec.source
+        return src if isinstance(src, OpenWrtSource) else None
 
 
 @dataclass(frozen=True)
