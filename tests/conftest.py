@@ -21,3 +21,6 @@ def repo() -> Path:
 def inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let an inner pytest run (pytester) import the repo's fixtures package."""
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+from tests.openwrt_standin import standin, standin_images, standin_server  # noqa: E402, F401
