@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,26 +11,30 @@ import pytest
 from kmodtest.arches import ARCHES
 from kmodtest.errors import MachineError
 from kmodtest.guest.topology import Topology
-from kmodtest.run.machine import MachineSpec
+from kmodtest.run.disks import overlay
+from kmodtest.run.machine import Disk, MachineSpec
 from kmodtest.run.qemu import QemuProcess, qemu_argv
 
 
 def spec(tmp_path: Path, arch: str = "x86_64", accel: str = "tcg", **kw) -> MachineSpec:
     run = Path("/tmp/kt-x")
+    fields = {
+        "kernel": Path("/img/kernel"),
+        "initrd": Path("/img/initrd.cpio"),
+        "cmdline": "console=ttyS0",
+        "nics": Topology("e1000").nics(run),
+        **kw,
+    }
     return MachineSpec(
         name="vm",
         arch=ARCHES[arch],
         machine=ARCHES[arch].machine,
         cpu=ARCHES[arch].cpu,
         memory_mb=512,
-        kernel=Path("/img/kernel"),
-        initrd=Path("/img/initrd.cpio"),
-        cmdline="console=ttyS0",
         run_dir=run,
         log_dir=tmp_path,
         accel=accel,
-        nics=Topology("e1000").nics(run),
-        **kw,
+        **fields,
     )
 
 
@@ -85,3 +91,56 @@ def test_missing_qemu_binary_names_the_package(tmp_path, monkeypatch):
 def test_a_restore_loads_the_state_from_the_inherited_fd_and_waits_paused(tmp_path):
     booted, restored = qemu_argv(spec(tmp_path)), qemu_argv(spec(tmp_path), incoming_fd=7)
     assert restored == [*booted, "-S", "-incoming", "fd:7"]  # the same devices, or no load
+
+
+def test_firmware_boot_from_a_disk_overlay_has_no_kernel(tmp_path):
+    disk = Disk(Path("/tmp/kt-x/disk0.qcow2"))
+    s = spec(tmp_path, kernel=None, initrd=None, cmdline=None, disks=(disk,), console_input=True)
+    argv = qemu_argv(s)
+    assert "-kernel" not in argv and "-append" not in argv and "-initrd" not in argv
+    assert argv[argv.index("-drive") + 1] == (
+        "file=/tmp/kt-x/disk0.qcow2,format=qcow2,if=virtio,index=0"
+    )
+    assert argv[argv.index("-chardev") + 1] == (
+        "socket,id=console,path=/tmp/kt-x/console.sock,server=on,wait=off,"
+        f"logfile={tmp_path}/console.log"
+    )
+    assert argv[argv.index("-chardev") + 3] == "chardev:console"
+
+
+def test_direct_boot_with_disk_and_bios(tmp_path):
+    s = spec(
+        tmp_path,
+        initrd=None,
+        cmdline="root=PARTUUID=6b6d7464-02 rootwait console=ttyS0,115200n8 noinitrd",
+        disks=(Disk(Path("/d.qcow2")),),
+        firmware=Path("/fw/bios.bin"),
+    )
+    argv = qemu_argv(s)
+    i = argv.index("-bios")
+    assert argv[i : i + 6] == [
+        "-bios", "/fw/bios.bin", "-kernel", "/img/kernel",
+        "-append", "root=PARTUUID=6b6d7464-02 rootwait console=ttyS0,115200n8 noinitrd",
+    ]  # fmt: skip
+    assert "file=/d.qcow2,format=qcow2,if=virtio,index=0" in argv
+
+
+def test_kernel_without_cmdline_gets_no_append(tmp_path):
+    argv = qemu_argv(spec(tmp_path, arch="arm64", initrd=None, cmdline=None))
+    assert argv[argv.index("-kernel") + 1] == "/img/kernel"
+    assert "-append" not in argv
+
+
+def test_overlay_reads_through_and_keeps_the_base_untouched(tmp_path):
+    base = tmp_path / "base.img"
+    base.write_bytes(b"A" * 65536)
+    disk = overlay(base, tmp_path / "run" / "disk0.qcow2")
+    assert disk.format == "qcow2"
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(disk.path)], capture_output=True, text=True
+    )
+    data = json.loads(info.stdout)
+    assert data["format"] == "qcow2"
+    assert data["backing-filename"] == str(base)
+    assert data["backing-filename-format"] == "raw"
+    assert base.read_bytes() == b"A" * 65536

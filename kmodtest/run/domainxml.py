@@ -147,6 +147,12 @@ def domain_xml(
             "which have no libvirt form",
             "use --backend qemu for this cell",
         )
+    if spec.kernel is None or spec.cmdline is None or spec.disks or spec.console_input:
+        raise ConfigError(
+            f"{name}: a firmware boot, disks and a console that takes input (OpenWrt images) "
+            "have no libvirt form in kmodtest yet",
+            "use --backend qemu for OpenWrt cells",
+        )
     domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(domain, "name", name)
     if owner is not None:

@@ -1,8 +1,8 @@
 """What a VM is, independent of how it is launched.
 
-A :class:`MachineSpec` is plain data (cpu, memory, kernel, initrd, NICs and their links, the
-agent channel, the console); launchers turn it into a QEMU argv today and into libvirt domain
-XML later. It can be checked without booting anything.
+A :class:`MachineSpec` is plain data (cpu, memory, kernel, initrd, disks, firmware, NICs and
+their links, the agent channel, the console); launchers turn it into a QEMU argv today and into
+libvirt domain XML later. It can be checked without booting anything.
 """
 
 from __future__ import annotations
@@ -46,25 +46,43 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A block device: always a private file (a qcow2 overlay), never a cached original."""
+
+    path: Path
+    format: str = "qcow2"  # qcow2 | raw
+    bus: str = "virtio"  # QEMU -drive if=: virtio (OpenWrt's qemustart uses it too)
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     name: str
     arch: Arch
     machine: str
     cpu: str
     memory_mb: int
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from the first disk (SeaBIOS -> GRUB)
     initrd: Path | None
-    cmdline: str
+    cmdline: str | None  # None: no -append (a kernel whose device tree names its console)
     run_dir: Path  # sockets; keep the path short (unix socket paths are <= 107 bytes)
     log_dir: Path  # console log and friends; survives the VM
     accel: str = "tcg"  # "kvm" or "tcg"
     smp: int = 1
     icount: bool = False  # -icount shift=0,sleep=off: guest time follows instructions
     nics: tuple[Nic, ...] = field(default=())
+    disks: tuple[Disk, ...] = field(default=())
+    firmware: Path | None = None  # -bios FILE; None: the machine's default (SeaBIOS on pc)
+    # the console also takes input (a unix socket; output still logged to console_log): for
+    # images whose agent is started by typing at a shell (OpenWrt)
+    console_input: bool = False
 
     @property
     def console_log(self) -> Path:
         return self.log_dir / "console.log"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
 
     @property
     def agent_socket(self) -> Path:

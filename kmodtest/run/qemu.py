@@ -40,15 +40,30 @@ def qemu_argv(
         "-cpu", "host" if spec.accel == "kvm" else spec.cpu,
         "-smp", str(spec.smp),
         "-m", str(spec.memory_mb),
-        "-kernel", str(spec.kernel),
-        "-append", spec.cmdline,
     ]  # fmt: skip
+    if spec.firmware is not None:
+        argv += ["-bios", option_path(spec.firmware)]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.cmdline is not None:
+            argv += ["-append", spec.cmdline]
     if spec.initrd:
         argv += ["-initrd", str(spec.initrd)]
+    for index, disk in enumerate(spec.disks):
+        argv += [
+            "-drive", f"file={option_path(disk.path)},format={disk.format},if={disk.bus},index={index}"
+        ]  # fmt: skip
     if spec.icount and spec.accel == "tcg":
         argv += ["-icount", "shift=0,sleep=off"]
+    if spec.console_input:
+        console = (
+            f"socket,id=console,path={option_path(spec.console_socket)},server=on,wait=off,"
+            f"logfile={option_path(spec.console_log)}"
+        )
+    else:
+        console = f"file,id=console,path={option_path(spec.console_log)}"
     argv += [
-        "-chardev", f"file,id=console,path={option_path(spec.console_log)}",
+        "-chardev", console,
         "-serial", "chardev:console",
         "-qmp", f"unix:{option_path(spec.qmp_socket)},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
