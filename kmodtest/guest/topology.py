@@ -82,7 +82,21 @@ class Topology:
     @property
     def namespaces(self) -> tuple[str | None, ...]:
         """The router's namespace (None) and each endpoint's: where links must have carrier."""
-        return (None, *(s.endpoint.netns for s in self.segments))
+        return (None, *self.endpoint_namespaces)
+
+    @property
+    def endpoint_namespaces(self) -> tuple[str | None, ...]:
+        return tuple(s.endpoint.netns for s in self.segments)
+
+    def router_nics(self, run_dir: Path) -> tuple[Nic, ...]:
+        """The router's half of :meth:`nics`, for a router in a VM of its own (two-VM labs)."""
+        names = {p.name for p in self.router_ports}
+        return tuple(n for n in self.nics(run_dir) if n.name in names)
+
+    def endpoint_nics(self, run_dir: Path) -> tuple[Nic, ...]:
+        """The client's and server's half of :meth:`nics`: the endpoints VM's NICs."""
+        names = {p.name for p in self.router_ports}
+        return tuple(n for n in self.nics(run_dir) if n.name not in names)
 
     def nics(self, run_dir: Path) -> tuple[Nic, ...]:
         if self.passthrough_ports:
@@ -100,8 +114,10 @@ class Topology:
             )  # fmt: skip
         return tuple(out)
 
-    def setup_script(self) -> str:
-        """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`."""
+    def setup_script(self, router: bool = True) -> str:
+        """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`.
+
+        ``router=False``: the endpoints' half only, for an endpoints VM next to a router VM."""
         lines = [
             "set -e",
             "byaddr() { for i in /sys/class/net/*; do "
@@ -113,16 +129,19 @@ class Topology:
             lines.insert(1, f"modprobe {get_nic(self.nic_model).driver}")
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
+            if router:
+                lines += [
+                    f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC {r.mac}" >&2; exit 1; }}',
+                    f'[ "$i" = {r.name} ] || ip link set dev "$i" name {r.name}',
+                ]
             lines += [
-                f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC {r.mac}" >&2; exit 1; }}',
-                f'[ "$i" = {r.name} ] || ip link set dev "$i" name {r.name}',
                 f"ip netns add {e.netns}",
                 f"ip -n {e.netns} link set lo up",
                 f'i=$(byaddr {e.mac}); [ -n "$i" ] || {{ echo "no NIC {e.mac}" >&2; exit 1; }}',
                 f'ip link set dev "$i" netns {e.netns}',
                 f'ip -n {e.netns} link set dev "$i" name {e.name}',
             ]
-        return "\n".join(lines) + "\n" + self.reset_script()
+        return "\n".join(lines) + "\n" + self.reset_script(router)
 
     def _passthrough_setup(self) -> list[str]:
         """Load each passthrough NIC's driver by its modalias, then give it our port's MAC.
@@ -146,8 +165,9 @@ class Topology:
             ]
         return lines
 
-    def reset_script(self) -> str:
+    def reset_script(self, router: bool = True) -> str:
         """Bring the network back to its known state: no rules, no flows, addresses, routes.
+        (``router=False``: the endpoints' namespaces only, in an endpoints VM.)
 
         One ``ip -batch`` per namespace: under TCG each exec of ``ip`` costs 50-100 ms, so
         twenty separate calls would dominate the per-test overhead. Ends with the link wait: a
@@ -155,11 +175,11 @@ class Topology:
         """
         nic = None if self.passthrough_ports else get_nic(self.nic_model)  # real NICs: none
         link = f"mtu 1500 {nic.link_options if nic else ''}".strip()
-        router = []
+        ports = []
         endpoints: dict[str, list[str]] = {}
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
-            router += [
+            ports += [
                 f"link set dev {r.name} {link} up",
                 f"addr replace {r.ipv4} dev {r.name}",
                 f"addr replace {r.ipv6} dev {r.name} nodad",
@@ -171,15 +191,16 @@ class Topology:
                 f"route replace default via {r.address(4)}",
                 f"route replace default via {r.address(6)}",  # family from the gateway
             ]
-        lines = [
-            "set -e",
-            "[ ! -d /sys/module/nf_tables ] || nft flush ruleset",
-            "[ ! -d /sys/module/nf_conntrack_netlink ] || conntrack -F >/dev/null 2>&1 || true",
-            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
-            _batch("ip -batch -", router),
-        ]
+        lines = ["set -e"]
+        if router:
+            lines += [
+                "[ ! -d /sys/module/nf_tables ] || nft flush ruleset",
+                "[ ! -d /sys/module/nf_conntrack_netlink ] || conntrack -F >/dev/null 2>&1 || true",
+                "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+                _batch("ip -batch -", ports),
+            ]
         lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in endpoints.items()]
-        lines.append(links.wait_script(self.namespaces))
+        lines.append(links.wait_script(self.namespaces if router else self.endpoint_namespaces))
         return "\n".join(lines) + "\n"
 
 
