@@ -1,9 +1,11 @@
 """The fixtures kmodtest ships: a project gets them from ``pip install kmodtest`` alone.
 
 ``router``: a booted router of the test's VM case (reused across the case's tests, reset
-between them); ``router_host``: its testinfra Host; ``host``: the same Host under testinfra's
-own name (see :class:`HostAlias`); ``nft``: an nft helper on it; ``kmodtest_session``: the run.
-They compose the lifecycle (:mod:`kmodtest.lifecycle`) and stay thin.
+between them); ``router_host``: its testinfra Host; ``endpoints``: the Host holding the client
+and server namespaces (the router itself, or an OpenWrt lab's endpoints VM); ``host``: the
+router's Host under testinfra's own name (see :class:`HostAlias`); ``nft``: an nft helper on
+it; ``kmodtest_session``: the run. They compose the lifecycle (:mod:`kmodtest.lifecycle`)
+and stay thin.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from kmodtest.face.session import KmodtestSession
 from kmodtest.guest.nft import Nft
 from kmodtest.guest.router import Router
 from kmodtest.lifecycle.case import VmCase
+from kmodtest.prepare.openwrt import OpenWrtImage
 from kmodtest.run.passthrough import PassthroughUnavailable
 
 SESSION_KEY = pytest.StashKey[KmodtestSession]()
@@ -48,6 +51,10 @@ def router(
     props.append(("vm_boot_seconds", f"{vm.boot_seconds:.2f}"))
     props.append(("vm_boot", str(vm.console_log.parent)))
     props.append(("console_log", str(vm.console_log)))
+    props.append(("topology", "two-vm" if len(vm.guests) > 1 else "one-vm"))
+    if isinstance(vm.image, OpenWrtImage):  # what a report must say about an OpenWrt router
+        props.append(("openwrt", vm.image.description))
+        props.append(("kmod_nft_offload", vm.image.offload_package or "not read from the image"))
     yield vm
     # the reset after the test and its health window were handled with the test's report
     # (plugin.pytest_runtest_makereport); what is left is the console of a router stopped now
@@ -63,6 +70,13 @@ def router(
 def router_host(router: Router) -> testinfra.host.Host:
     """The router as a testinfra Host: ``host.run``, ``host.file``, ``host.sysctl`` ..."""
     return router.host
+
+
+@pytest.fixture
+def endpoints(router: Router) -> testinfra.host.Host:
+    """Where the client and server namespaces live: the router's own Host in one-VM labs,
+    the endpoints VM's next to an OpenWrt router. Traffic helpers run there."""
+    return router.endpoints.host
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +60,14 @@ HOST_INI = "kmodtest_host_fixture"
 def pytest_addoption(parser: pytest.Parser) -> None:
     options.add_to_pytest(parser)
     patching.add_options(parser.getgroup("kmodtest"))
+    parser.getgroup("kmodtest").addoption(
+        "--openwrt-package",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an .ipk (opkg, up to 24.10) or .apk (25.12+) to install on OpenWrt routers after "
+        "boot, e.g. a patched kmod-nft-offload from your OpenWrt SDK (repeatable)",
+    )
     parser.addini(
         HOST_INI,
         "give tests kmodtest's `host` (the router's testinfra Host); false keeps testinfra's",
@@ -92,6 +101,8 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         openwrt=OpenWrtImages(
             cache, settings.images_dir, Progress(quiet=quiet), settings.openwrt_mirror
         ),
+        openwrt_packages=_openwrt_packages(config),
+        endpoints=matrix.default,
     )
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
@@ -136,6 +147,17 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     if images.overlay is not None:  # cells the module loop cannot build for (cross arches)
         session.skips.update(patching.overlay_skips(cells, session.skips))
     return session
+
+
+def _openwrt_packages(config: pytest.Config) -> tuple[Path, ...]:
+    packages = tuple(Path(p).absolute() for p in config.getoption("openwrt_package", []))
+    for package in packages:
+        if not package.is_file():
+            raise ConfigError(
+                f"--openwrt-package {package} does not exist",
+                "pass the .ipk/.apk your OpenWrt SDK built (bin/packages/...)",
+            )
+    return packages
 
 
 def _fetch_command(settings: Settings, cell_id: str) -> str:

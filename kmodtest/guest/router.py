@@ -76,6 +76,12 @@ class Router:
         return self.network.topology
 
     @property
+    def namespaces(self) -> tuple[str | None, ...]:
+        """Where the router guest's links must have carrier (:func:`links.change`): its own
+        namespace, and the client's and server's when they share its VM."""
+        return self.topology.namespaces if self.network.endpoints_role == ROUTER else (None,)
+
+    @property
     def host(self) -> testinfra.host.Host:
         return self.vm.host
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kmodtest.errors import KmodtestError
 from kmodtest.prepare.cells import Cell
@@ -28,6 +29,9 @@ class Images:
     # a layer over each base image (--module-patch): (cell, base image) -> layered image
     overlay: Callable[[Cell, Image], Image] | None = None
     openwrt: OpenWrtImages | None = None  # None: OpenWrt cells cannot run (tests, CLI helpers)
+    # installed on OpenWrt routers after boot (--openwrt-package): their counterpart of overlay
+    openwrt_packages: tuple[Path, ...] = ()
+    endpoints: Cell | None = None  # whose image endpoints VMs boot (the matrix default cell)
     built: dict[str, Image] = field(default_factory=dict)
     failed: dict[str, KmodtestError] = field(default_factory=dict)
 

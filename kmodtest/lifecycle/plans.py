@@ -12,13 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmodtest.errors import ConfigError
 from kmodtest.guest.boot import Boot, DirectBoot
+from kmodtest.guest.openwrt import OpenWrtBoot
+from kmodtest.guest.openwrt_net import ENDPOINTS, OpenWrtNetwork
 from kmodtest.guest.router import ROUTER, Network, OneVmNetwork
 from kmodtest.guest.topology import Topology
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.images import Images
 from kmodtest.prepare.cells import PASSTHROUGH_NIC, Cell
 from kmodtest.prepare.images import Image
+from kmodtest.prepare.openwrt import OpenWrtImage
 from kmodtest.run.machine import Nic
 from kmodtest.run.passthrough import PassthroughUnavailable, missing_guest_driver
 
@@ -30,7 +34,7 @@ class NodePlan:
 
     role: str
     cell: Cell  # arch, machine, cpu, memory, kernel command line
-    image: Image
+    image: Image | OpenWrtImage
     boot: Boot
     nics: Callable[[Path], tuple[Nic, ...]]
 
@@ -58,10 +62,35 @@ def debian_router(case: VmCase, images: Images) -> LabPlan:
     return LabPlan((router,), OneVmNetwork(topology))
 
 
+def openwrt_router(case: VmCase, images: Images) -> LabPlan:
+    """An OpenWrt release (or the stand-in) as the router, booted from its own disk with the
+    agent started from its console; the client and server in an endpoints VM (the matrix
+    default cell's Debian image), since stock OpenWrt has no network namespaces."""
+    if case.nic == PASSTHROUGH_NIC:
+        raise ConfigError(f"{case.cell.id}: passthrough NICs are for Debian routers only")
+    image = images.openwrt_image(case.cell)
+    if images.endpoints is None:
+        raise ConfigError(
+            f"{case.cell.id}: an OpenWrt router needs an endpoints VM, and the matrix has no "
+            "default cell to boot it from",
+            "mark a Debian cell of the matrix `default: true`",
+        )
+    endpoints_cell = images.endpoints
+    topology = Topology(case.nic)
+    boot = OpenWrtBoot(image.packages, images.openwrt_packages)
+    router = NodePlan(ROUTER, case.cell, image, boot, topology.router_nics)
+    endpoints = NodePlan(
+        ENDPOINTS, endpoints_cell, images.image(endpoints_cell), DirectBoot(),
+        topology.endpoint_nics,
+    )  # fmt: skip
+    return LabPlan((router, endpoints), OpenWrtNetwork(topology, stand_in=image.stand_in))
+
+
 # kernel source kind (kernels/*.yaml `source.kind`) -> the lab its cells boot
 PLANS: dict[str, Callable[[VmCase, Images], LabPlan]] = {
     "debian": debian_router,
     "local": debian_router,
+    "openwrt": openwrt_router,
 }
 
 
