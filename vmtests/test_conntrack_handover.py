@@ -57,11 +57,11 @@ def _sane_timeout(host, entry: ct.Entry) -> None:
     )
 
 
-def test_fin_hands_flow_back_to_conntrack(router, host, nft):
+def test_fin_hands_flow_back_to_conntrack(router, host, endpoints, nft):
     if router.image.kernel_series >= CLOSING_STATE_SINCE:
-        _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "fin")
+        _close_rides_fast_path_then_flow_leaves_in_close(router, host, endpoints, nft, "fin")
         return
-    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
+    with traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", NBYTES) as t:
         t.feed()
         t.wait_received()
         _offloaded(host, t)
@@ -81,11 +81,11 @@ def test_fin_hands_flow_back_to_conntrack(router, host, nft):
     assert result.intact, str(result)
 
 
-def test_rst_hands_flow_back_to_conntrack(router, host, nft):
+def test_rst_hands_flow_back_to_conntrack(router, host, endpoints, nft):
     if router.image.kernel_series >= CLOSING_STATE_SINCE:
-        _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft, "rst")
+        _close_rides_fast_path_then_flow_leaves_in_close(router, host, endpoints, nft, "rst")
         return
-    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=True) as t:
+    with traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", NBYTES, linger0=True) as t:
         t.feed()
         t.wait_received()
         _offloaded(host, t)
@@ -108,7 +108,9 @@ def test_rst_hands_flow_back_to_conntrack(router, host, nft):
     assert result.intact, str(result)  # everything sent before the RST had arrived
 
 
-def _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft: Nft, how: str) -> None:
+def _close_rides_fast_path_then_flow_leaves_in_close(
+    router, host, endpoints, nft: Nft, how: str
+) -> None:
     """The 6.14+ expectation for FIN (``how="fin"``) and RST: see CLOSING_STATE_SINCE.
 
     Only a flow marked CLOSING is handed back in CLOSE: one that merely idled out keeps the TCP
@@ -118,7 +120,9 @@ def _close_rides_fast_path_then_flow_leaves_in_close(router, host, nft: Nft, how
     sysctl = {"net.netfilter.nf_flowtable_tcp_timeout": FLOW_TIMEOUT_AT_CLOSE}
     with (
         ct.sysctls(host, sysctl),
-        traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES, linger0=how == "rst") as t,
+        traffic.open_flow(
+            endpoints, router.topology, "tcp", 4, "up", NBYTES, linger0=how == "rst"
+        ) as t,
     ):
         t.feed()
         t.wait_received()
@@ -157,12 +161,14 @@ def _guest_uptime(host) -> float:
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_idle_flow_returns_to_slow_path_then_is_offloaded_again(router, host, nft, proto):
+def test_idle_flow_returns_to_slow_path_then_is_offloaded_again(
+    router, host, endpoints, nft, proto
+):
     timeout_sysctl = f"net.netfilter.nf_flowtable_{proto}_timeout"
     flow_timeout = 2
     with (
         ct.sysctls(host, {timeout_sysctl: flow_timeout}),
-        traffic.open_flow(host, router.topology, proto, 4, "up", NBYTES) as t,
+        traffic.open_flow(endpoints, router.topology, proto, 4, "up", NBYTES) as t,
     ):
         t.feed(NBYTES // 2)
         t.wait_received()
@@ -195,8 +201,8 @@ def test_idle_flow_returns_to_slow_path_then_is_offloaded_again(router, host, nf
     assert result.intact, str(result)
 
 
-def test_conntrack_delete_of_offloaded_entry(router, host, nft):
-    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES) as t:
+def test_conntrack_delete_of_offloaded_entry(router, host, endpoints, nft):
+    with traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", NBYTES) as t:
         t.feed(NBYTES // 2)
         t.wait_received()
         _offloaded(host, t)
@@ -230,14 +236,16 @@ def _handed_back(host, entry: ct.Entry) -> None:
     _sane_timeout(host, entry)
 
 
-def _run_through_removal(router, host, nft: Nft, removal: str) -> tuple[int, PathSample, ct.Entry]:
+def _run_through_removal(
+    router, host, endpoints, nft: Nft, removal: str
+) -> tuple[int, PathSample, ct.Entry]:
     """Offload a flow, then apply ``removal`` while the rest of the payload is being sent.
 
     Returns (payload bytes not yet received at the removal, what the router saw from the
     removal to the end of the stream, the entry). The removal and the sample that marks it are
     one guest command, so the sample splits the stream exactly where the flowtable went.
     """
-    with traffic.open_flow(host, router.topology, "tcp", 4, "up", NBYTES * 2) as t:
+    with traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", NBYTES * 2) as t:
         t.feed(NBYTES // 2)
         t.wait_received()
         _offloaded(host, t)
@@ -261,20 +269,20 @@ def _rest_took_the_forward_path(left: int, after: PathSample) -> None:
     assert after.mostly_classic(), f"after the removal, not all on the forward path: {after}"
 
 
-def test_deleting_flowtable_mid_transfer_falls_back_to_slow_path(router, host, nft):
+def test_deleting_flowtable_mid_transfer_falls_back_to_slow_path(router, host, endpoints, nft):
     removal = remove_flowtable_batch(nft)
-    left, after, entry = _run_through_removal(router, host, nft, removal)
+    left, after, entry = _run_through_removal(router, host, endpoints, nft, removal)
 
     assert nft.flowtables() == []
     _handed_back(host, entry)
     _rest_took_the_forward_path(left, after)
 
 
-def test_flushing_ruleset_mid_transfer_falls_back_to_slow_path(router, host, nft):
+def test_flushing_ruleset_mid_transfer_falls_back_to_slow_path(router, host, endpoints, nft):
     # the flush, then only a meter: a forward-chain counter (no flowtable, no conntrack rule),
     # added in the same transaction so it counts from the first packet after the flush
     removal = f"flush ruleset\n{slowpath_meter_ruleset()}"
-    left, after, entry = _run_through_removal(router, host, nft, removal)
+    left, after, entry = _run_through_removal(router, host, endpoints, nft, removal)
 
     assert nft.flowtables() == []
     _handed_back(host, entry)

@@ -24,7 +24,9 @@ def _loaded(host) -> list[str]:
     return [m for m in FLOWTABLE_MODULES if host.file(f"/sys/module/{m}").exists]
 
 
-def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(router, host, nft):
+def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(
+    router, host, endpoints, nft
+):
     modprobe = ct.read_sysctl(host, "kernel.modprobe")
     # load what the flowtable-less ruleset needs (nft_ct ...) while autoload still works
     assert nft.apply(router_ruleset(flowtable=False)).rc == 0
@@ -47,7 +49,7 @@ def test_flow_add_is_refused_without_flowtable_modules_and_forwarding_works(rout
 
         assert nft.apply(router_ruleset(flowtable=False)).rc == 0
         before = sample_paths(nft, 4)
-        result = traffic.transfer(host, router.topology, "tcp", 4, "up", NBYTES)
+        result = traffic.transfer(endpoints, router.topology, "tcp", 4, "up", NBYTES)
         during = sample_paths(nft, 4) - before
     finally:
         host.run(f"echo {modprobe} >/proc/sys/kernel/modprobe")
@@ -69,16 +71,16 @@ WAN_MTU = 1280
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
-def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, nft, family):
+def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, endpoints, nft, family):
     assert nft.apply(router_ruleset()).rc == 0
     server = router.topology.server.address(family)
     # e1000e and e1000 reset their link on an MTU change: traffic waits for carrier
-    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", router.topology.namespaces)
+    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", router.namespaces)
     try:
-        with traffic.oversize_meter(host, "server", "eth0", WAN_MTU) as crossed_oversize:
+        with traffic.oversize_meter(endpoints, "server", "eth0", WAN_MTU) as crossed_oversize:
             too_big = traffic.icmp_too_big_sent(host, family)
             refused = traffic.frag_fails(host, family)
-            with traffic.open_flow(host, router.topology, "tcp", family, "up", NBYTES) as t:
+            with traffic.open_flow(endpoints, router.topology, "tcp", family, "up", NBYTES) as t:
                 t.feed()
                 t.wait_received()
                 entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
@@ -86,9 +88,9 @@ def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, nft, 
             too_big = traffic.icmp_too_big_sent(host, family) - too_big
             refused = traffic.frag_fails(host, family) - refused
             oversize_at_server = crossed_oversize()
-        pmtu = host.check_output(f"ip -n client -{family} route get {server}")
+        pmtu = endpoints.check_output(f"ip -n client -{family} route get {server}")
     finally:  # the client's learnt PMTU would outlive this test (the reset puts 1500 back)
-        host.run("ip -n client route flush cache; ip -n client -6 route flush cache")
+        endpoints.run("ip -n client route flush cache; ip -n client -6 route flush cache")
 
     # the client sends 1500-byte packets (server MSS 1460); the flowtable hands every packet
     # over the 1280 egress MTU to the classic path, which refuses it and answers "too big"; the

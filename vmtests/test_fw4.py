@@ -9,7 +9,7 @@ falling back to software offloading" and leaves ``flags offload`` out; ``0`` mea
 flowtable and no rule. LAN->WAN traffic through fw4's masquerade then reaches [OFFLOAD].
 
 Needs a real OpenWrt image (``kmodtest fetch <cell>``); Debian routers skip, since fw4 is
-OpenWrt's. The stand-in has no fw4 and is not an OpenWrt cell kind of its own here.
+OpenWrt's. The stand-in has no fw4 (vmtests/conftest.py skips it, saying so).
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""Which of the suite's tests apply to an OpenWrt router, per release kernel, and why not.
+
+Stated like the Debian per-kernel expectations: a test that applies runs (with its kernel's
+expected outcome in the test itself, e.g. ``RST_TIMEOUT_SYSCTL``); one that does not is
+skipped naming the reason here, never silently. OpenWrt releases and their kernels (from
+``images/openwrt-releases.yaml``): 23.05 -> 5.15, 24.10 -> 6.6, 25.12 -> 6.12. What a stock
+image has: ``../shared/OPENWRT.md`` (fw4, nft, kmod-nft-offload; no ``conntrack`` tool, no
+``kmod-veth``, no ``ip netns``: the client and server are in the endpoints VM).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kmodtest.prepare.openwrt import OpenWrtImage
+
+# the backup path is a veth between the router and the server namespace in one VM
+NO_VETH = (
+    "needs the router and the server namespace in one VM, linked by a veth: stock OpenWrt has "
+    "no kmod-veth, and its server lives in the endpoints VM"
+)
+NO_CONNTRACK_TOOL = "needs the conntrack tool (conntrack -D), which a stock OpenWrt image lacks"
+# test name -> (the OpenWrt kernels it does not apply to: None for all, why)
+NOT_ON_OPENWRT: dict[str, tuple[frozenset[tuple[int, int]] | None, str]] = {
+    "test_link_down_tears_flow_down_and_traffic_follows_backup_route": (None, NO_VETH),
+    "test_route_change_tears_flow_down_and_traffic_follows_new_route": (None, NO_VETH),
+    "test_conntrack_delete_of_offloaded_entry": (None, NO_CONNTRACK_TOOL),
+    "test_hw_offload_on_passthrough_nic": (None, "passthrough NICs are for Debian routers"),
+    # the RST timeout cap changed between 6.1 and 6.12 (RST_TIMEOUT_SYSCTL); on which side
+    # 6.6 (24.10) falls is not established here: read 6.6's tcp_packet() and add it there
+    "test_rst_hands_flow_back_to_conntrack": (
+        frozenset({(6, 6)}),
+        "the RST timeout cap of Linux 6.6 is not established (RST_TIMEOUT_SYSCTL)",
+    ),
+}
+STAND_IN = (
+    "the OpenWrt stand-in is busybox on Debian's kernel, without nft or the flowtable "
+    "modules: it proves fetch, boot, console bootstrap and the two-VM network only"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "any_router: applies to every router, the OpenWrt stand-in included"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _openwrt_expectations(request: pytest.FixtureRequest) -> None:
+    if "router" not in request.fixturenames:
+        return
+    router = request.getfixturevalue("router")
+    if not isinstance(router.image, OpenWrtImage):
+        return
+    if router.image.stand_in and request.node.get_closest_marker("any_router") is None:
+        pytest.skip(STAND_IN)
+    name = request.node.originalname
+    if name in NOT_ON_OPENWRT:
+        kernels, why = NOT_ON_OPENWRT[name]
+        if kernels is None or router.image.kernel_series in kernels:
+            pytest.skip(f"not on OpenWrt {router.image.release}: {why}")
