@@ -69,3 +69,26 @@ def test_ci_selection_is_a_subset_and_runs(repo, capsys):
     ci_ids = capsys.readouterr().out.strip().split(",")
     all_ids = load_matrix(repo / "kernels").ids()
     assert ci_ids and set(ci_ids) <= set(all_ids)
+
+
+def test_workflow_runs_the_newest_openwrt_cells_only_and_fetches_them_first(repo, capsys):
+    dirs = f"--kernels-dir={repo / 'kernels'}"
+    assert kmodtest_main(["matrix", "--kernel", "all", "--openwrt", "ci", dirs]) == 0
+    include = json.loads(capsys.readouterr().out)["include"]
+    openwrt = sorted(row["cell"] for row in include if row["openwrt"] == "yes")
+    assert openwrt == [
+        "openwrt-24.10-armsr-armv8",
+        "openwrt-24.10-x86-64",
+        "openwrt-25.12-armsr-armv8",
+        "openwrt-25.12-x86-64",
+    ]
+    debian = {c.id for c in load_matrix(repo / "kernels").cells if c.openwrt is None}
+    assert debian <= {row["cell"] for row in include}  # every Debian cell still runs
+    workflow = yaml.safe_load((repo / WORKFLOW).read_text())
+    producer = " ".join(step.get("run", "") for step in workflow["jobs"]["matrix"]["steps"])
+    assert "--openwrt ci" in producer
+    steps = workflow["jobs"]["vmtests"]["steps"]
+    names = [step.get("name", "") for step in steps]
+    fetch = next(s for s in steps if "kmodtest fetch" in s.get("run", ""))
+    assert fetch["if"] == "matrix.openwrt == 'yes'"
+    assert steps.index(fetch) < names.index("VM suite")

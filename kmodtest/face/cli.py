@@ -109,6 +109,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         cells = [c for c in cells if c.spec.ci]
     if args.exclude_default:
         cells = [c for c in cells if not c.spec.default]
+    if args.openwrt != "all":  # ci: OpenWrt cells marked ci: true only; none: no OpenWrt cell
+        cells = [c for c in cells if c.openwrt is None or (args.openwrt == "ci" and c.spec.ci)]
     if args.ids:
         print(",".join(c.id for c in cells))
         return 0
@@ -118,6 +120,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             "arch": c.arch.name,
             "qemu_package": c.arch.qemu_package,
             "nics": ",".join(c.spec.nics),
+            "openwrt": "yes" if c.openwrt is not None else "no",  # fetch its image first
         }
         for c in cells
     ]
@@ -242,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ci", action="store_true", help="only cells marked ci: true")
     p.add_argument("--exclude-default", action="store_true", help="leave out the default cell")
     p.add_argument("--ids", action="store_true", help="print a comma-separated id list instead")
+    p.add_argument(
+        "--openwrt", choices=("all", "ci", "none"), default="all",
+        help="OpenWrt cells: all, only those marked ci: true, or none (default: all)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("build", help="build (or reuse) the images of the selected cells")
