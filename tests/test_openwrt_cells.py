@@ -139,3 +139,17 @@ def test_offload_package_is_read_from_opkg_and_apk_databases():
     assert installed_package(apk, "apk", "kmod-nft-offload").version == "6.12.94-r1"
     assert installed_package(opkg, "opkg", "kmod-veth") is None
     assert installed_package(apk, "apk", "kmod-nf") is None  # whole names only
+
+
+def test_validate_on_an_openwrt_cell_says_how_its_users_validate(repo):
+    """`kmodtest validate` builds no module overlay for OpenWrt: its verdict names the SDK
+    package route (--openwrt-package), and a table of only such cells exits non-zero."""
+    from kmodtest.face.validate import CellVerdict, _prebuild, exit_code
+
+    cell = load_matrix(repo / "kernels").get("openwrt-24.10-x86-64")
+    verdict = CellVerdict(cell.id)
+    assert not _prebuild(cell, None, None, verdict)  # type: ignore[arg-type]  # never reached
+    assert verdict.verdict == "SKIP"
+    assert "OpenWrt SDK" in verdict.problem
+    assert f"--kernel {cell.id} --openwrt-package" in verdict.problem
+    assert exit_code([verdict]) != 0

@@ -240,8 +240,20 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def openwrt_validation(cell_id: str) -> str:
+    """How a patch is validated on an OpenWrt cell: as its users ship it, a package."""
+    return (
+        "OpenWrt cells validate a patch as OpenWrt ships it: put it in your OpenWrt tree "
+        "(target/linux/generic/pending-<kernel>/ or hack-<kernel>/), build kmod-nft-offload "
+        "with the OpenWrt SDK (make package/kernel/linux/compile), then run pytest vmtests/ "
+        f"--kernel {cell_id} --openwrt-package bin/targets/<target>/packages/kmod-nft-offload_*"
+    )
+
+
 def cross_build_skip(cell: Cell) -> str | None:
     """Why the module loop cannot build for ``cell`` on this host (None: it can)."""
+    if cell.openwrt is not None:
+        return openwrt_validation(cell.id)
     if cell.arch.kbuild.triplet:
         return None
     return f"module loop: no kbuild triplet for {cell.arch.name} (kmodtest/arches.py)"
