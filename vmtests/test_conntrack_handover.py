@@ -28,8 +28,8 @@ CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
 # an in-window RST that leaves the entry ESTABLISHED caps its timeout at the UNACK timeout
 # instead of the CLOSE one (read in both kernels' linux-source; the upstream commit's subject
 # is not named here because it could not be confirmed offline). A stable backport of it to
-# 6.1.y makes this expectation fail, naming the change.
-RST_TIMEOUT_SYSCTL = {(6, 1): "close", (6, 12): "unacknowledged"}
+# 6.1.y makes this expectation fail, naming the change. 5.15 (OpenWrt 23.05) predates it.
+RST_TIMEOUT_SYSCTL = {(5, 15): "close", (6, 1): "close", (6, 12): "unacknowledged"}
 RST_TIMEOUT_CHANGE = "tcp_packet(): in-window RST on ESTABLISHED caps at UNACK, not CLOSE"
 # Linux 6.14 changed what FIN and RST do to an offloaded flow ("netfilter: flowtable: add
 # CLOSING state", Pablo Neira Ayuso, net-next, January 2025). Before, the first FIN or RST tore

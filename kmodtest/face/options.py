@@ -45,6 +45,7 @@ class Option:
         return kwargs
 
 
+TOPOLOGIES = ("one-vm", "two-vm")
 OPTIONS: dict[str, Option] = {
     o.name: o
     for o in (
@@ -80,6 +81,10 @@ OPTIONS: dict[str, Option] = {
                "if it exists, else the matrix kmodtest ships)", metavar="DIR"),
         Option("images_dir", "--images-dir", "image recipe directory (default: ./images if "
                "it exists, else the recipes kmodtest ships)", metavar="DIR"),
+        Option("topology", "--topology", "one-vm: the client and server namespaces live in the "
+               "Debian router's VM; two-vm: in an endpoints VM (the default cell's image) cabled "
+               "to the router, so they stop sharing its emulated CPU (OpenWrt routers always "
+               "have one)", default="one-vm", choices=TOPOLOGIES),
         Option("openwrt_mirror", "--openwrt-mirror", "OpenWrt download server base URL "
                "(default: $KMODTEST_OPENWRT_MIRROR, else images/openwrt-releases.yaml's)",
                metavar="URL"),
@@ -133,6 +138,7 @@ class Settings:
     kernels_dir: Path
     images_dir: Path
     openwrt_mirror: str | None
+    topology: str
     given: frozenset[str]  # the options the user set (command line or ini)
 
     @classmethod
@@ -144,6 +150,8 @@ class Settings:
         value = {n: (raw[n] if n in given else OPTIONS[n].default) for n in OPTIONS}
         if value["accel"] not in (OPTIONS["accel"].choices or ()):  # ini values skip argparse
             raise ConfigError(f"unknown accelerator {value['accel']!r}", "use auto, kvm or tcg")
+        if value["topology"] not in TOPOLOGIES:
+            raise ConfigError(f"unknown topology {value['topology']!r}", "use one-vm or two-vm")
         if value["backend"] not in (None, *BACKENDS):
             raise ConfigError(f"unknown backend {value['backend']!r}", "use qemu or libvirt")
         return cls(
@@ -165,6 +173,7 @@ class Settings:
             kernels_dir=_data_dir(value["kernels_dir"], root, "kernels"),
             images_dir=_data_dir(value["images_dir"], root, "images"),
             openwrt_mirror=value["openwrt_mirror"],
+            topology=value["topology"],
             given=given,
         )
 

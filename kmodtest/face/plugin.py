@@ -103,6 +103,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         ),
         openwrt_packages=_openwrt_packages(config),
         endpoints=matrix.default,
+        two_vm=settings.topology == "two-vm",
     )
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,

@@ -19,11 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kmodtest.guest import links
+from kmodtest.guest.router import ENDPOINTS, ROUTER
 from kmodtest.guest.topology import Topology
 from kmodtest.guest.vm import GuestVM
 
-ROUTER = "router"  # kmodtest.guest.router.ROUTER (router imports this module's users)
-ENDPOINTS = "endpoints"  # the role of the endpoints VM in a two-VM lab
 NETWORK_TIMEOUT = 120.0
 # fw4 is stopped while the suite's tests own the ruleset; test_fw4 starts it itself
 RESET = (

@@ -25,6 +25,7 @@ from kmodtest.prepare.images import Image
 from kmodtest.run.machine import MachineSpec
 
 ROUTER = "router"  # the role of the guest that forwards (and whose kernel is under test)
+ENDPOINTS = "endpoints"  # the role of a two-VM lab's guest holding the client and server
 NETWORK_TIMEOUT = 60.0
 
 
@@ -52,6 +53,24 @@ class OneVmNetwork:
     def reset(self, guests: Mapping[str, GuestVM]) -> None:
         """Flush ruleset and conntrack, restore links, addresses and routes."""
         guests[ROUTER].check(self.topology.reset_script(), timeout=NETWORK_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class TwoVmNetwork:
+    """A Debian router VM and an endpoints VM cabled to it (``--topology two-vm``): the client
+    and server no longer share the router's emulated CPU. Each VM runs its half of the same
+    scripts as one VM does."""
+
+    topology: Topology
+    endpoints_role: str = ENDPOINTS
+
+    def setup(self, guests: Mapping[str, GuestVM]) -> None:
+        guests[ROUTER].check(self.topology.setup_script(endpoints=False), timeout=NETWORK_TIMEOUT)
+        guests[ENDPOINTS].check(self.topology.setup_script(router=False), timeout=NETWORK_TIMEOUT)
+
+    def reset(self, guests: Mapping[str, GuestVM]) -> None:
+        guests[ROUTER].check(self.topology.reset_script(endpoints=False), timeout=NETWORK_TIMEOUT)
+        guests[ENDPOINTS].check(self.topology.reset_script(router=False), timeout=NETWORK_TIMEOUT)
 
 
 @dataclass

@@ -114,10 +114,11 @@ class Topology:
             )  # fmt: skip
         return tuple(out)
 
-    def setup_script(self, router: bool = True) -> str:
+    def setup_script(self, router: bool = True, endpoints: bool = True) -> str:
         """Name NICs by MAC, move endpoints into namespaces; then :meth:`reset_script`.
 
-        ``router=False``: the endpoints' half only, for an endpoints VM next to a router VM."""
+        In two-VM labs each VM runs its half: ``endpoints=False`` on the router VM,
+        ``router=False`` on the endpoints VM."""
         lines = [
             "set -e",
             "byaddr() { for i in /sys/class/net/*; do "
@@ -134,6 +135,8 @@ class Topology:
                     f'i=$(byaddr {r.mac}); [ -n "$i" ] || {{ echo "no NIC {r.mac}" >&2; exit 1; }}',
                     f'[ "$i" = {r.name} ] || ip link set dev "$i" name {r.name}',
                 ]
+            if not endpoints:
+                continue
             lines += [
                 f"ip netns add {e.netns}",
                 f"ip -n {e.netns} link set lo up",
@@ -141,7 +144,7 @@ class Topology:
                 f'ip link set dev "$i" netns {e.netns}',
                 f'ip -n {e.netns} link set dev "$i" name {e.name}',
             ]
-        return "\n".join(lines) + "\n" + self.reset_script(router)
+        return "\n".join(lines) + "\n" + self.reset_script(router, endpoints)
 
     def _passthrough_setup(self) -> list[str]:
         """Load each passthrough NIC's driver by its modalias, then give it our port's MAC.
@@ -165,9 +168,9 @@ class Topology:
             ]
         return lines
 
-    def reset_script(self, router: bool = True) -> str:
+    def reset_script(self, router: bool = True, endpoints: bool = True) -> str:
         """Bring the network back to its known state: no rules, no flows, addresses, routes.
-        (``router=False``: the endpoints' namespaces only, in an endpoints VM.)
+        (Each VM of a two-VM lab its half, as in :meth:`setup_script`.)
 
         One ``ip -batch`` per namespace: under TCG each exec of ``ip`` costs 50-100 ms, so
         twenty separate calls would dominate the per-test overhead. Ends with the link wait: a
@@ -176,7 +179,7 @@ class Topology:
         nic = None if self.passthrough_ports else get_nic(self.nic_model)  # real NICs: none
         link = f"mtu 1500 {nic.link_options if nic else ''}".strip()
         ports = []
-        endpoints: dict[str, list[str]] = {}
+        namespaces: dict[str, list[str]] = {}
         for seg in self.segments:
             r, e = seg.router, seg.endpoint
             ports += [
@@ -184,7 +187,7 @@ class Topology:
                 f"addr replace {r.ipv4} dev {r.name}",
                 f"addr replace {r.ipv6} dev {r.name} nodad",
             ]
-            endpoints[str(e.netns)] = [
+            namespaces[str(e.netns)] = [
                 f"link set dev {e.name} {link} up",
                 f"addr replace {e.ipv4} dev {e.name}",
                 f"addr replace {e.ipv6} dev {e.name} nodad",
@@ -199,8 +202,10 @@ class Topology:
                 "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
                 _batch("ip -batch -", ports),
             ]
-        lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in endpoints.items()]
-        lines.append(links.wait_script(self.namespaces if router else self.endpoint_namespaces))
+        if endpoints:
+            lines += [_batch(f"ip -n {ns} -batch -", cmds) for ns, cmds in namespaces.items()]
+        waits = ((None,) if router else ()) + (self.endpoint_namespaces if endpoints else ())
+        lines.append(links.wait_script(waits))
         return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ class Images:
     # installed on OpenWrt routers after boot (--openwrt-package): their counterpart of overlay
     openwrt_packages: tuple[Path, ...] = ()
     endpoints: Cell | None = None  # whose image endpoints VMs boot (the matrix default cell)
+    two_vm: bool = False  # --topology two-vm: Debian routers get an endpoints VM too
     built: dict[str, Image] = field(default_factory=dict)
     failed: dict[str, KmodtestError] = field(default_factory=dict)
 

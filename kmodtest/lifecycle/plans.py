@@ -1,7 +1,8 @@
 """What a VM case boots: which guests, from which images, how each boots, how the network is set.
 
 One plan per kind of kernel source. Debian packages and a user's own kernel boot as a Debian
-router holding the client and server namespaces in one VM. An OpenWrt release (a disk image
+router holding the client and server namespaces in one VM (or, with ``--topology two-vm``,
+next to an endpoints VM that holds them). An OpenWrt release (a disk image
 that boots its own way, configured with uci) is another entry in :data:`PLANS`, with a second
 node, the endpoints VM, wired to the router's LAN and WAN; nothing else changes.
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 from kmodtest.errors import ConfigError
 from kmodtest.guest.boot import Boot, DirectBoot
 from kmodtest.guest.openwrt import OpenWrtBoot
-from kmodtest.guest.openwrt_net import ENDPOINTS, OpenWrtNetwork
-from kmodtest.guest.router import ROUTER, Network, OneVmNetwork
+from kmodtest.guest.openwrt_net import OpenWrtNetwork
+from kmodtest.guest.router import ENDPOINTS, ROUTER, Network, OneVmNetwork, TwoVmNetwork
 from kmodtest.guest.topology import Topology
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.images import Images
@@ -58,8 +59,25 @@ def debian_router(case: VmCase, images: Images) -> LabPlan:
         if why := missing_guest_driver(ports, modules):
             raise PassthroughUnavailable(why)
     topology = Topology(case.nic, passthrough=ports)
-    router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.nics)
-    return LabPlan((router,), OneVmNetwork(topology))
+    if not images.two_vm:
+        router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.nics)
+        return LabPlan((router,), OneVmNetwork(topology))
+    if case.nic == PASSTHROUGH_NIC:
+        raise ConfigError(f"{case.cell.id}: passthrough NICs are for one-VM labs (--topology)")
+    router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.router_nics)
+    return LabPlan((router, _endpoints_node(case, images, topology)), TwoVmNetwork(topology))
+
+
+def _endpoints_node(case: VmCase, images: Images, topology: Topology) -> NodePlan:
+    """The endpoints VM of a two-VM lab: the matrix default cell's Debian image."""
+    if images.endpoints is None:
+        raise ConfigError(
+            f"{case.cell.id}: a two-VM lab needs an endpoints VM, and the matrix has no "
+            "default cell to boot it from",
+            "mark a Debian cell of the matrix `default: true`",
+        )
+    cell = images.endpoints
+    return NodePlan(ENDPOINTS, cell, images.image(cell), DirectBoot(), topology.endpoint_nics)
 
 
 def openwrt_router(case: VmCase, images: Images) -> LabPlan:
@@ -69,20 +87,10 @@ def openwrt_router(case: VmCase, images: Images) -> LabPlan:
     if case.nic == PASSTHROUGH_NIC:
         raise ConfigError(f"{case.cell.id}: passthrough NICs are for Debian routers only")
     image = images.openwrt_image(case.cell)
-    if images.endpoints is None:
-        raise ConfigError(
-            f"{case.cell.id}: an OpenWrt router needs an endpoints VM, and the matrix has no "
-            "default cell to boot it from",
-            "mark a Debian cell of the matrix `default: true`",
-        )
-    endpoints_cell = images.endpoints
     topology = Topology(case.nic)
     boot = OpenWrtBoot(image.packages, images.openwrt_packages)
     router = NodePlan(ROUTER, case.cell, image, boot, topology.router_nics)
-    endpoints = NodePlan(
-        ENDPOINTS, endpoints_cell, images.image(endpoints_cell), DirectBoot(),
-        topology.endpoint_nics,
-    )  # fmt: skip
+    endpoints = _endpoints_node(case, images, topology)
     return LabPlan((router, endpoints), OpenWrtNetwork(topology, stand_in=image.stand_in))
 
 

@@ -90,6 +90,7 @@ class RouterPool:
                 f"{router.name}: kernel {router.image.kernel_version}, "
                 f"{strategy.launcher.name}, {router.spec.accel}, "
                 f"{how} in {router.boot_seconds:.1f} s{unsaved}"
+                + "".join(f"; {g.name}" for g in router.guests.values() if g is not router.vm)
             )
         return router
 

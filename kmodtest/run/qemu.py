@@ -50,9 +50,8 @@ def qemu_argv(
     if spec.initrd:
         argv += ["-initrd", str(spec.initrd)]
     for index, disk in enumerate(spec.disks):
-        argv += [
-            "-drive", f"file={option_path(disk.path)},format={disk.format},if={disk.bus},index={index}"
-        ]  # fmt: skip
+        drive = f"file={option_path(disk.path)},format={disk.format},if={disk.bus},index={index}"
+        argv += ["-drive", drive]
     if spec.icount and spec.accel == "tcg":
         argv += ["-icount", "shift=0,sleep=off"]
     if spec.console_input:
