@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kmodtest.face.cli import main as kmodtest_main
-from kmodtest.prepare.cells import load_matrix
+from kmodtest.prepare.cells import LocalSource, load_matrix
 
 WORKFLOW = ".github/workflows/vmtests.yml"
 NIGHTLY = ".github/workflows/nightly.yml"
@@ -48,7 +48,8 @@ def test_nightly_mutates_the_61_and_612_amd64_cells_and_runs_the_debug_cell(repo
 def test_matrix_json_lists_every_cell_with_the_fields_the_workflow_uses(repo, capsys):
     assert kmodtest_main(["matrix", f"--kernels-dir={repo / 'kernels'}"]) == 0
     include = json.loads(capsys.readouterr().out)["include"]
-    assert [row["cell"] for row in include] == load_matrix(repo / "kernels").ids()
+    pushed = [c.id for c in load_matrix(repo / "kernels").cells if c.spec.workflow == "vmtests"]
+    assert [row["cell"] for row in include] == pushed
     workflow = (repo / WORKFLOW).read_text()
     used = {name for row in include for name in row if f"matrix.{name}" in workflow}
     assert "cell" in used
@@ -92,3 +93,23 @@ def test_workflow_runs_the_newest_openwrt_cells_only_and_fetches_them_first(repo
     fetch = next(s for s in steps if "kmodtest fetch" in s.get("run", ""))
     assert fetch["if"] == "matrix.openwrt == 'yes'"
     assert steps.index(fetch) < names.index("VM suite")
+
+
+def test_push_workflow_gets_no_cell_it_cannot_boot_and_the_nightly_runs_the_rest(repo, capsys):
+    """A job whose kernel nobody built skips every test, which this project counts as an error:
+    a cell with a kernel built at run time (``kind: local``, the debug cell) must be marked
+    ``workflow: nightly``, and the nightly workflow must name it."""
+    assert kmodtest_main(["matrix", "--ids", f"--kernels-dir={repo / 'kernels'}"]) == 0
+    pushed = set(capsys.readouterr().out.strip().split(","))
+    cells = load_matrix(repo / "kernels").cells
+    local = {c.id for c in cells if isinstance(c.spec.source, LocalSource)}
+    assert local, "no kind: local cell in kernels/: the debug cell is gone?"
+    assert not pushed & local, f"the push workflow would run cells nobody built: {pushed & local}"
+    nightly_runs = " ".join(
+        step.get("run", "")
+        for job in yaml.safe_load((repo / NIGHTLY).read_text())["jobs"].values()
+        for step in job["steps"]
+    )
+    for cell in cells:
+        if cell.spec.workflow == "nightly":
+            assert f"--kernel {cell.id}" in nightly_runs, f"{cell.id} is run by no workflow"

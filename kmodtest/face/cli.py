@@ -105,6 +105,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     """The selected cells as JSON for a GitHub Actions ``matrix: ${{ fromJSON(...) }}``."""
     _matrix, cells = _select(args)
+    cells = [c for c in cells if c.spec.workflow == args.workflow]
     if args.ci:
         cells = [c for c in cells if c.spec.ci]
     if args.exclude_default:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("matrix", help="print the selected cells as GitHub Actions matrix JSON")
     _add_selectors(p)
     p.add_argument("--ci", action="store_true", help="only cells marked ci: true")
+    p.add_argument("--workflow", choices=("vmtests", "nightly"), default="vmtests",
+                   help="only cells whose `workflow:` is this (default: vmtests)")  # fmt: skip
     p.add_argument("--exclude-default", action="store_true", help="leave out the default cell")
     p.add_argument("--ids", action="store_true", help="print a comma-separated id list instead")
     p.add_argument(

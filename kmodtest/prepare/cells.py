@@ -156,6 +156,10 @@ class CellSpec(_Strict):
     memory_mb: int = Field(default=512, ge=128, le=8192)
     default: bool = False  # the cell `pytest vmtests/` uses without --kernel
     ci: bool = False  # run by .ci/run (sized for 90 minutes on 2 cores)
+    # the GitHub Actions workflow whose jobs run this cell: "vmtests" (every push, one job per
+    # cell of `kmodtest matrix`) or "nightly" (a cell whose kernel that workflow builds first,
+    # like the debug cell: on a push its job would find no kernel and skip every test)
+    workflow: Literal["vmtests", "nightly"] = "vmtests"
 
     @field_validator("id")
     @classmethod
