@@ -1,11 +1,12 @@
 """The smallest kernel configuration this suite runs on, as a fragment over ``tinyconfig``.
 
 Like KUnit's and virtme-ng's minimal configs: only what the router image and the tests use
-(direct boot with an initramfs, a serial console, virtio-serial for the agent, veth, network
-namespaces, IPv4/IPv6 forwarding, conntrack, NAT, nftables and the flowtable), plus the drivers
-of the NIC models (:mod:`kmodtest.nics`) and what the arch's QEMU machine needs
-(:mod:`kmodtest.arches`). Netfilter pieces are modules, so the image builder's module closure
-and ``modprobe`` in the guest work as on a distribution kernel.
+(direct boot with an initramfs, a serial console, virtio-serial for the agent, veth, a bridge
+and VLANs (OpenWrt's LAN shape), network namespaces, IPv4/IPv6 forwarding, conntrack, NAT,
+nftables and the flowtable), plus the drivers of the NIC models (:mod:`kmodtest.nics`) and
+what the arch's QEMU machine needs (:mod:`kmodtest.arches`). Netfilter pieces are modules, so
+the image builder's module closure and ``modprobe`` in the guest work as on a distribution
+kernel.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ CONFIG_NETDEVICES=y
 CONFIG_NET_CORE=y
 CONFIG_ETHERNET=y
 CONFIG_VETH=m
+CONFIG_BRIDGE=m
+CONFIG_BRIDGE_VLAN_FILTERING=y
+CONFIG_VLAN_8021Q=m
 CONFIG_NETFILTER=y
 CONFIG_NETFILTER_ADVANCED=y
 CONFIG_NETFILTER_INGRESS=y
