@@ -10,7 +10,7 @@ import pytest
 
 from kmodtest import flowtable
 from kmodtest.guest import conntrack as ct
-from kmodtest.guest import links, traffic
+from kmodtest.guest import links, traffic, wire
 from kmodtest.guest.nft import Nft
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
 
@@ -77,7 +77,7 @@ def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, endpo
     # e1000e and e1000 reset their link on an MTU change: traffic waits for carrier
     links.change(host, f"ip link set dev wan mtu {WAN_MTU}", router.namespaces)
     try:
-        with traffic.oversize_meter(endpoints, "server", "eth0", WAN_MTU) as crossed_oversize:
+        with wire.oversize_meter(endpoints, "server", "eth0", WAN_MTU) as crossed_oversize:
             too_big = traffic.icmp_too_big_sent(host, family)
             refused = traffic.frag_fails(host, family)
             with traffic.open_flow(endpoints, router.topology, "tcp", family, "up", NBYTES) as t:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -96,6 +96,8 @@ class Transfer:
     nbytes: int
     linger0: bool = False  # client closes with SO_LINGER 0: killing it sends a TCP RST
     server_ip: str | None = None  # default: the server's eth0 address of the flow's family
+    # where the client connects, when a DNAT on the router maps it to the flow's (listen) port
+    connect_port: int | None = None
     fed: int = 0
     workdir: str = field(init=False)
 
@@ -131,7 +133,7 @@ class Transfer:
         listen = f"{f.proto.upper()}{fam}-LISTEN:{port}," + (
             UDP_RCVBUF["listen"] if udp else "reuseaddr"
         )
-        connect = f"{f.proto.upper()}{fam}:{peer}:{port}" + (
+        connect = f"{f.proto.upper()}{fam}:{peer}:{self.connect_port or port}" + (
             f",{UDP_RCVBUF['connect']}" if udp else ",linger=0" if self.linger0 else ""
         )
         fifo, sink = f"OPEN:{d}/in.fifo", f"OPEN:{d}/dst,creat,trunc"
@@ -160,10 +162,11 @@ class Transfer:
         regex, table = self._listen_probe()
         srv_ns, cli_ns = self.topology.server.netns, self.topology.client.netns
         sender = "server" if self.flow.direction == "down" else "client"
-        # UDP has no retransmission: resolve the neighbours along the path first (one ping),
-        # or the first burst overflows the queue of a still unresolved ARP/ND entry and is
-        # dropped (seen right after boot, and after a link reset flushed the neighbours)
-        server_ip = self.server_ip or self.topology.server.address(self.flow.family)
+        # UDP has no retransmission: resolve the neighbours along the path first (one ping of
+        # the server's own address: the one the flow is connected to may be a DNAT's), or the
+        # first burst overflows the queue of a still unresolved ARP/ND entry and is dropped
+        # (seen right after boot, and after a link reset flushed the neighbours)
+        server_ip = self.topology.server.address(self.flow.family)
         prime = (
             f"ip netns exec {cli_ns} ping -{self.flow.family} -c 1 -W 5 {server_ip} >/dev/null "
             f'|| echo "warning: no ping reply from {server_ip}" >&2'
@@ -189,12 +192,17 @@ waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; 
         return self
 
     def feed(
-        self, nbytes: int | None = None, background: bool = False, pace: float | None = None
+        self,
+        nbytes: int | None = None,
+        background: bool = False,
+        pace: float | None = None,
+        step: int = 256 * 1024,
     ) -> None:
         """Hand the next ``nbytes`` (default: the rest) of the source to the sender.
 
-        ``pace`` (seconds) spreads the bytes over time, 256 KiB per step, so that something
-        done "while the transfer runs" really happens mid-stream even on a fast fast path.
+        ``pace`` (seconds) spreads the bytes over time, ``step`` bytes then a pause, so that
+        something done "while the transfer runs" really happens mid-stream even on a fast
+        fast path, and a flow can be kept busy for a given time.
         """
         n = self.nbytes - self.fed if nbytes is None else nbytes
         if n <= 0 or self.fed + n > self.nbytes:
@@ -204,7 +212,6 @@ waitfor 10 alive $d/{sender}.pid || {{ echo "sender did not start" >&2; exit 1; 
             f"skip={self.fed} count={n} status=none"
         )
         if pace is not None:
-            step = 256 * 1024
             dd = (
                 f"off={self.fed}; end={self.fed + n}; while [ $off -lt $end ]; do "
                 f"c={step}; [ $((end - off)) -lt $c ] && c=$((end - off)); "
@@ -283,6 +290,11 @@ size $d/dst
         self.stop()
 
 
+def new_port() -> int:
+    """A port no flow of this test session has used (the server listens on it)."""
+    return next(_ports)
+
+
 class TransferError(AssertionError):
     """A transfer step failed in the guest (with the socat logs)."""
 
@@ -296,10 +308,14 @@ def open_flow(
     nbytes: int = 1 << 20,
     linger0: bool = False,
     server_ip: str | None = None,
+    port: int | None = None,
+    connect_port: int | None = None,
 ) -> Transfer:
-    """A started transfer on a fresh port; use as a context manager so it is always cleaned."""
-    flow = Flow(proto, family, direction, next(_ports))
-    transfer = Transfer(host, topology, flow, nbytes, linger0, server_ip)
+    """A started transfer on a fresh port (or ``port``, from :func:`new_port`: a rule made
+    for the flow before it starts needs it); use as a context manager so it is always cleaned.
+    """
+    flow = Flow(proto, family, direction, port or new_port())
+    transfer = Transfer(host, topology, flow, nbytes, linger0, server_ip, connect_port)
     try:
         return transfer.start()
     except BaseException:
@@ -384,46 +400,16 @@ def frag_fails(host: testinfra.host.Host, family: int) -> int:
     return int(host.check_output("grep '^Ip6FragFails' /proc/net/snmp6").split()[1])
 
 
-OVERSIZE_TABLE = "kt_oversize"
-GRO_SIZES = ("gro_max_size", "gro_ipv4_max_size")  # the second exists since Linux 6.3
-
-
-@contextmanager
-def oversize_meter(
-    host: testinfra.host.Host, netns: str, dev: str, mtu: int
-) -> Iterator[Callable[[], int]]:
-    """Count frames longer than ``mtu`` (IP bytes) arriving on ``dev`` in ``netns``, e.g. on the
-    server: did anything cross a link bigger than its MTU? An nft netdev ingress counter there,
-    with GRO stopped on ``dev`` meanwhile (its size limits set to 0), so the counter sees each
-    frame as it came off the wire, not a merged super-packet. Yields a function returning the
-    count; the table is removed and the GRO limits put back afterwards (the reset between tests
-    knows nothing of them)."""
-    ip = f"ip -n {netns}"
-    [link] = json.loads(host.check_output(f"{ip} -d -j link show dev {dev}"))
-    gro = {k: link[k] for k in GRO_SIZES if k in link}
-    if not gro:
-        raise AssertionError(f"cannot stop GRO on {netns}/{dev}: ip shows no gro_max_size")
-    nft = f"ip netns exec {netns} nft"
-    host.check_output(
-        f"{ip} link set dev {dev} {' '.join(f'{k} 0' for k in gro)}\n"
-        f"{nft} -f - <<'KMODTEST_EOF'\ntable netdev {OVERSIZE_TABLE} {{\n  chain in {{\n"
-        f"    type filter hook ingress device {dev} priority 0;\n"
-        f"    meta length > {mtu} counter\n  }}\n}}\nKMODTEST_EOF"
-    )
-
-    def count() -> int:
-        listing = json.loads(host.check_output(f"{nft} -j list chain netdev {OVERSIZE_TABLE} in"))
-        for obj in listing["nftables"]:
-            for expr in obj.get("rule", {}).get("expr", []):
-                if "counter" in expr:
-                    return int(expr["counter"]["packets"])
-        raise LookupError(f"no counter in {OVERSIZE_TABLE}")
-
-    try:
-        yield count
-    finally:
-        restore = " ".join(f"{k} {v}" for k, v in gro.items())
-        host.run(f"{nft} delete table netdev {OVERSIZE_TABLE}; {ip} link set dev {dev} {restore}")
+def expired_in_transit(host: testinfra.host.Host, family: int) -> int:
+    """Packets the classic forwarding path dropped as header errors, which is where a packet
+    whose TTL / hop limit runs out at the router is counted (ip_forward and ip6_forward count
+    each one in InHdrErrors; the ICMP time exceeded they answer with is rate-limited)."""
+    if family == 4:
+        names, values = (
+            ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
+        )
+        return int(dict(zip(names, values, strict=True))["InHdrErrors"])
+    return int(host.check_output("grep '^Ip6InHdrErrors' /proc/net/snmp6").split()[1])
 
 
 @dataclass(frozen=True)
