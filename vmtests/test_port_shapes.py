@@ -1,0 +1,80 @@
+"""Offload through the port shapes OpenWrt uses (kmodtest/guest/portshapes.py): a bridged LAN,
+the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), and a WAN in a VLAN. The flowtable
+stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their packets
+tagged, untagged and delivered to the right bridge port as the classic path would, intact.
+
+The payload goes server -> client: the direction whose packets the flowtable sends straight
+to the bridge port, and whose packets arrive tagged from a VLAN WAN.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kmodtest.guest import conntrack as ct
+from kmodtest.guest import portshapes, traffic, wire
+from kmodtest.guest.nft import Nft
+from kmodtest.guest.rulesets import router_ruleset, sample_paths
+
+pytestmark = pytest.mark.per_nic
+
+NBYTES = 1_000_000
+
+
+@pytest.fixture
+def nft(host) -> Nft:
+    return Nft(host)
+
+
+def _offloaded_download(router, host, nft: Nft, family: int, server_ip: str | None = None):
+    applied = nft.apply(router_ruleset())  # the flowtable on the physical lan and wan
+    assert applied.rc == 0, applied.stderr
+    topo = router.topology
+    lan_mac, client_mac = topo.segments[0].router.mac, topo.client.mac
+    port = traffic.new_port()
+    # every frame of the payload the client gets must come from the router's LAN MAC and be
+    # addressed to the client's: what a switch between them learns and forwards by
+    frames = f"tcp sport {port}"
+    meter = {
+        "router-to-client": f"{frames} ether saddr {lan_mac} ether daddr {client_mac}",
+        "other": f"{frames} ether saddr != {lan_mac}",
+        "misaddressed": f"{frames} ether daddr != {client_mac}",
+    }
+    before = sample_paths(nft, family)
+    with (
+        wire.ingress_meter(host, topo.client.netns, topo.client.name, meter) as arrived,
+        traffic.open_flow(
+            host, topo, "tcp", family, "down", NBYTES, server_ip=server_ip, port=port
+        ) as t,
+    ):
+        t.feed()
+        t.wait_received()
+        during = sample_paths(nft, family) - before
+        entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+        result = t.close()
+        on_wire = arrived()
+    report = f"{t.flow}: {during}\n{entry.raw}\nframes at the client: {on_wire}"
+    assert entry.offloaded, f"no [OFFLOAD]: {report}{ct.state_report(host)}"
+    assert during.mostly_offloaded(NBYTES), (
+        f"classic path carried too much: the flowtable did not match the flow's packets: "
+        f"{report}{ct.state_report(host)}"
+    )
+    assert result.intact, f"{result}\n{report}"
+    assert on_wire["router-to-client"] > 0, report
+    assert on_wire["other"] == 0 and on_wire["misaddressed"] == 0, (
+        f"frames with another source than the router's LAN MAC {lan_mac}, or another "
+        f"destination than the client's {client_mac}: {report}"
+    )
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("vlan_filtering", [False, True], ids=["br-lan", "br-lan.1"])
+def test_bridged_lan_port_is_offloaded(router, host, nft, family, vlan_filtering):
+    with portshapes.bridged_lan(host, router.topology, vlan_filtering):
+        _offloaded_download(router, host, nft, family)
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_wan_in_a_vlan_is_offloaded(router, host, nft, family):
+    with portshapes.wan_vlan(host, router.topology) as vlan:
+        _offloaded_download(router, host, nft, family, server_ip=vlan.address(family))
