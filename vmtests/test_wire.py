@@ -1,0 +1,86 @@
+"""What the fast path puts on the wire, read at the far end: like any router, it leaves the
+TTL (IPv4) or hop limit (IPv6) one lower, and a packet whose TTL runs out at the router is not
+forwarded at all: the flowtable leaves it to the classic path, which drops it, counts it and
+answers ICMP time exceeded (traceroute through an offloaded flow depends on that).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from kmodtest.guest import conntrack as ct
+from kmodtest.guest import traffic, wire
+from kmodtest.guest.nft import Nft
+from kmodtest.guest.rulesets import router_ruleset, sample_paths
+
+pytestmark = pytest.mark.per_nic
+
+NBYTES = 1_000_000
+SENT_TTL = 64  # the client's default TTL / hop limit (net.ipv4.ip_default_ttl, hop_limit)
+EXPIRING = 8  # datagrams the client sends down the offloaded flow with TTL 1
+
+
+@pytest.fixture
+def nft(host) -> Nft:
+    return Nft(host)
+
+
+def _poll(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
+    """Read a guest counter until it reaches ``enough`` or the deadline passes; the last value.
+    (Kernel counters move asynchronously to the command that caused them.)"""
+    deadline = time.monotonic() + timeout
+    while (value := read()) < enough and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_fast_path_decrements_ttl_and_leaves_expiring_packets_to_the_classic_path(
+    router, host, nft, family
+):
+    assert nft.apply(router_ruleset()).rc == 0
+    hop = wire.HOP_FIELD[family]
+    total = NBYTES + EXPIRING * traffic.UDP_PAYLOAD
+    with traffic.open_flow(host, router.topology, "udp", family, "up", total) as t:
+        flow = f"udp dport {t.flow.port}"
+        left = SENT_TTL - 1
+        meter = {"decremented": f"{flow} {hop} {left}", "other": f"{flow} {hop} != {left}"}
+        with wire.ingress_meter(host, "server", "eth0", meter) as arrived:
+            before = sample_paths(nft, family)
+            t.feed(NBYTES)
+            t.wait_received()
+            during = sample_paths(nft, family) - before
+            entry = ct.the_entry(ct.proc_entries(host), "udp", t.flow.port)
+            on_wire = arrived()
+
+            # the same flow, its packets now sent with TTL 1: none may reach the server
+            received = t.received()
+            expired_before = traffic.expired_in_transit(host, family)
+            with wire.rewrite_sent(host, "client", flow, f"{hop} set 1") as rewritten:
+                t.feed(EXPIRING * traffic.UDP_PAYLOAD)
+                sent = _poll(rewritten, EXPIRING)
+                expired = _poll(
+                    lambda: traffic.expired_in_transit(host, family) - expired_before, sent
+                )
+            late = arrived()
+            received_late = t.received() - received
+
+    report = f"{t.flow}: {during}\n{entry.raw}"
+    assert entry.offloaded and during.mostly_offloaded(NBYTES), (
+        f"not offloaded, so this says nothing about the fast path: {report}"
+    )
+    assert on_wire["decremented"] > 0 and on_wire["other"] == 0, (
+        f"sent with {hop} {SENT_TTL}, the server saw {on_wire['decremented']} packets with "
+        f"{SENT_TTL - 1} and {on_wire['other']} with another value: {report}"
+    )
+    assert expired == sent, (
+        f"the client sent {sent} datagrams with {hop} 1 down the offloaded flow; the router "
+        f"counted {expired} as expired in transit (InHdrErrors): the rest was forwarded"
+    )
+    assert late["other"] == 0 and received_late == 0, (
+        f"{late['other']} packets with {hop} other than {SENT_TTL - 1} reached the server, "
+        f"{received_late} B of the expiring datagrams were received: {report}"
+    )
