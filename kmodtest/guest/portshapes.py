@@ -75,8 +75,12 @@ def bridged_lan(
             f"ip link add {BRIDGE} address {lan.mac} type bridge\n"
             f"ip link set {lan.name} master {BRIDGE}\n"
         )
+    # only the global addresses move to the bridge: the port keeps its link-local one, which
+    # the reset between tests does not restore, and without which the router sends no IPv6
+    # neighbour solicitation on it for forwarded packets (ndisc_send_ns needs a link-local
+    # source): every later IPv6 download on the plain lan port would stall
     setup = (
-        f"ip addr flush dev {lan.name}\n{bridge}{_router_addresses(topology, l3)}"
+        f"ip addr flush dev {lan.name} scope global\n{bridge}{_router_addresses(topology, l3)}"
         f"ip link set {l3} up\n"
     )
     client = topology.client
