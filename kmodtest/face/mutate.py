@@ -53,7 +53,7 @@ from kmodtest.progress import Progress
 
 console = Console()
 wide = console if console.is_terminal else Console(width=160)
-MUTATION_LAYOUT = 1  # bump when a cached verdict's meaning changes
+MUTATION_LAYOUT = 2  # bump when a cached verdict's meaning changes
 DEFAULT_NIC = "virtio-net-pci"
 # what a verdict depends on besides the mutant: the tests and the framework they run on
 # (the mutation tooling's own reporting code is not in it, so editing a report keeps the cache)
@@ -246,8 +246,10 @@ def control(run: CellRun, index: int) -> SuiteOutcome:
     if (entry / "outcome.json").is_file():
         return SuiteOutcome.from_json(json.loads((entry / "outcome.json").read_text()))
     work = run.cache.root / "work" / f"control-{run.cell.id}-{index}-{time.time_ns()}"
-    outcome = run_suite(run.selection, ["--module-rebuild"], work, None, stop_first=False,
-                        cwd=Path.cwd())  # fmt: skip
+    # the first run times the tests in collected order; the others run in the mutants' order
+    # (fastest first), so a test that depends on what ran before it fails here, not as a kill
+    outcome = run_suite(run.selection, ["--module-rebuild"], work, None, run.order,
+                        stop_first=False, cwd=Path.cwd())  # fmt: skip
     if outcome.status != "passed":
         raise KmodtestError(
             f"{run.cell.id}: control run {index + 1} failed on the unmutated modules "
