@@ -22,11 +22,6 @@ SERVICE_PORT_OFFSET = 10_000  # the client connects to the server's port + this
 DNAT_TABLE = "kt_dnat"
 
 
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
-
-
 def _forward_port(nft: Nft, proto: str, family: int, service_port: int, server: str, port: int):
     """The router DNATs (service address, service_port) to (server, port)."""
     ipf = "ip" if family == 4 else "ip6"

@@ -10,7 +10,6 @@ import pytest
 
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic
-from kmodtest.guest.nft import Nft
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
 
 pytestmark = pytest.mark.per_nic
@@ -26,8 +25,7 @@ def _guest_uptime(host) -> float:
     return float(host.check_output("cat /proc/uptime").split()[0])
 
 
-def test_busy_flow_outlives_its_timeout_in_the_flowtable(router, host):
-    nft = Nft(host)
+def test_busy_flow_outlives_its_timeout_in_the_flowtable(router, host, nft):
     assert nft.apply(router_ruleset()).rc == 0
     sysctl = {"net.netfilter.nf_flowtable_tcp_timeout": FLOW_TIMEOUT}
     with (

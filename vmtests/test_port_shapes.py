@@ -21,11 +21,6 @@ pytestmark = pytest.mark.per_nic
 NBYTES = 1_000_000
 
 
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
-
-
 def _offloaded_download(router, host, nft: Nft, family: int, server_ip: str | None = None):
     applied = nft.apply(router_ruleset())  # the flowtable on the physical lan and wan
     assert applied.rc == 0, applied.stderr

@@ -13,7 +13,6 @@ import pytest
 
 from kmodtest.guest import conntrack as ct
 from kmodtest.guest import traffic, wire
-from kmodtest.guest.nft import Nft
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
 
 pytestmark = pytest.mark.per_nic
@@ -21,11 +20,6 @@ pytestmark = pytest.mark.per_nic
 NBYTES = 1_000_000
 SENT_TTL = 64  # the client's default TTL / hop limit (net.ipv4.ip_default_ttl, hop_limit)
 EXPIRING = 8  # datagrams the client sends down the offloaded flow with TTL 1
-
-
-@pytest.fixture
-def nft(host) -> Nft:
-    return Nft(host)
 
 
 def _poll(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
