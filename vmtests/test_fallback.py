@@ -108,6 +108,46 @@ def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, endpo
     assert result.intact, str(result)
 
 
+def test_masqueraded_packets_the_fast_path_refuses_still_leave_natted(router, host, nft):
+    """An offloaded, masqueraded upload whose packets the fast path hands back one by one: the
+    client sends without DF over a WAN whose MTU is smaller, so every full-size packet is too
+    big for the flow and takes the classic path (which fragments it), while the server's small
+    ACKs stay on the fast path. Conntrack then sees the data but not the ACKs that move its
+    TCP window on; it must not call the data out of window (the flowtable marks an offloaded
+    TCP flow liberal for that), or the packets leave untracked: not masqueraded, with the
+    client's private address, and the server never gets the upload."""
+    assert nft.apply(router_ruleset(nat=True)).rc == 0
+    topo = router.topology
+    client_ip = topo.client.address(4)
+    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", topo.namespaces)
+    port = traffic.new_port()
+    unnatted = {"from-client-address": f"ip saddr {client_ip}"}
+    before = sample_paths(nft, 4)
+    with (
+        wire.rewrite_sent(host, "client", f"tcp dport {port}", "ip frag-off set 0") as no_df,
+        wire.ingress_meter(host, "server", "eth0", unnatted) as at_server,
+        traffic.open_flow(host, topo, "tcp", 4, "up", NBYTES, port=port) as t,
+    ):
+        t.feed()
+        t.wait_received()
+        during = sample_paths(nft, 4) - before
+        entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+        result = t.close()
+        sent_without_df, leaked = no_df(), at_server()["from-client-address"]
+
+    report = f"{t.flow}: {during}\n{entry.raw}"
+    assert entry.offloaded, f"not offloaded, so this says nothing: {report}"
+    assert sent_without_df > 0 and during.slowpath.bytes >= NBYTES // 2, (
+        f"{sent_without_df} packets sent without DF; the classic path did not carry the "
+        f"oversize data: {report}"
+    )
+    assert leaked == 0, (
+        f"{leaked} packets reached the server with the client's address {client_ip}: the "
+        f"classic path forwarded them untracked, without masquerade: {report}"
+    )
+    assert result.intact, f"{result}\n{report}"
+
+
 def _path_switch(router, host, nft: Nft, switch: str, eager: bool) -> None:
     """Offload a flow to the backup path's service address, run ``switch`` (guest shell) mid
     flow, and check the rest of the payload follows the new route, offloaded again.
