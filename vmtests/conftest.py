@@ -24,6 +24,13 @@ NO_VETH = (
     "needs the router and the server namespace in one VM, linked by a veth: this lab's server "
     "is in its endpoints VM (and stock OpenWrt has no kmod-veth)"
 )
+# these drive the client and server namespaces through the router's own Host: written for
+# the one-VM lab, not yet ported to a lab whose endpoints are a VM of their own
+ONE_VM_MODULES = {"test_dnat", "test_flow_lifetime", "test_port_shapes", "test_wire"}
+NOT_PORTED = (
+    "written for the one-VM lab (client and server namespaces on the router); not yet ported "
+    "to a lab whose client and server are in an endpoints VM"
+)
 NO_CONNTRACK_TOOL = "needs the conntrack tool (conntrack -D), which a stock OpenWrt image lacks"
 # test name -> (the OpenWrt kernels it does not apply to: None for all, why)
 NOT_ON_OPENWRT: dict[str, tuple[frozenset[tuple[int, int]] | None, str]] = {
@@ -56,6 +63,8 @@ def _openwrt_expectations(request: pytest.FixtureRequest) -> None:
     name = request.node.originalname
     if name in ONE_VM_ONLY and len(router.guests) > 1:
         pytest.skip(NO_VETH)
+    if request.module.__name__.rpartition(".")[2] in ONE_VM_MODULES and len(router.guests) > 1:
+        pytest.skip(NOT_PORTED)
     if not isinstance(router.image, OpenWrtImage):
         return
     if router.image.stand_in and request.node.get_closest_marker("any_router") is None:
