@@ -36,8 +36,9 @@ def _build_once(root: str, counter: str) -> str:
 
 
 def test_parallel_builders_build_once(tmp_path):
+    # spawn, not fork: a fork of a pytest process whose other threads hold a lock can hang
     counter = tmp_path / "count"
-    with multiprocessing.get_context("fork").Pool(3) as pool:
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
         paths = pool.starmap(_build_once, [(str(tmp_path / "c"), str(counter))] * 3)
     assert len(set(paths)) == 1
     assert counter.read_text().count("built") == 1
