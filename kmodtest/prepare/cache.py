@@ -75,7 +75,8 @@ def try_file_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, read in chunks (images are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
@@ -93,7 +94,7 @@ def write_content_manifest(directory: Path) -> None:
         if name != CONTENT_MANIFEST and not Path(root, name).is_symlink()
     )
     lines = [
-        f"{_file_sha256(directory / rel)} {(directory / rel).stat().st_size} {rel}\n"
+        f"{file_sha256(directory / rel)} {(directory / rel).stat().st_size} {rel}\n"
         for rel in files
     ]
     (directory / CONTENT_MANIFEST).write_text("".join(lines))
@@ -116,7 +117,7 @@ def content_problem(directory: Path) -> str | None:
             return f"{rel} is missing"
         if actual != int(size):
             return f"{rel} is {actual} bytes, published with {size} (truncated or overwritten)"
-        if _file_sha256(path) != sha:
+        if file_sha256(path) != sha:
             return f"{rel} does not match its sha256 (corrupted)"
     return None
 

@@ -12,7 +12,6 @@ removes the partial file and raises: the cache is left as it was.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodtest.errors import KmodtestError
-from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cache import Cache, file_sha256
 from kmodtest.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -48,14 +47,6 @@ class Remote:
     sha256: str
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_verified(
     cache: Cache,
     kind: str,
@@ -74,7 +65,7 @@ def fetch_verified(
         part.parent.mkdir(parents=True, exist_ok=True)
         with progress.step(f"downloading {remote.name}"):
             total = _download(remote, part, progress)
-        actual = sha256_file(part)
+        actual = file_sha256(part)
         size = part.stat().st_size
         if total is not None and size < total:
             part.unlink()

@@ -8,7 +8,6 @@ kernel unpacks concatenated archives in order, so the rebuilt ``.ko`` files and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from kmodtest import processes
 from kmodtest.arches import host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import kbuild, modules
-from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.cache import Cache, file_sha256
 from kmodtest.prepare.cells import Cell, DebianSource
 from kmodtest.prepare.images import Image
 from kmodtest.prepare.keys import artifact_key
@@ -176,7 +175,7 @@ class OverlayBuilder:
         shutil.copy2(built.log, out / "build.log")
         manifest: dict[str, Any] = dict(base.manifest)
         manifest.update(
-            initrd_sha256=_sha256_file(out / "initrd.cpio"),
+            initrd_sha256=file_sha256(out / "initrd.cpio"),
             initrd_bytes=(out / "initrd.cpio").stat().st_size,
             overlay={
                 "base_image": base.path.name,
@@ -230,14 +229,6 @@ def _layer(base: Image, release: str, built: dict[str, Path], out: Path) -> dict
     except OSError:
         shutil.copy2(base.kernel, out / "kernel")
     return placed
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def openwrt_validation(cell_id: str) -> str:
