@@ -95,6 +95,12 @@ def test_children_die_when_their_parent_is_killed(tmp_path):
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     assert _alive(child)
+    # setpriv sets the death signal, then execs: wait for the exec (a loaded machine may not
+    # have got there yet; a parent killed in that millisecond window is not what this tests)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "the child never exec'd sleep"
+        time.sleep(0.05)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     assert _gone(child), "the child outlived its SIGKILLed parent"
