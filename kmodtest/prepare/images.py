@@ -41,6 +41,12 @@ LAYOUT_VERSION = 1
 GUEST_FILES = ("init", "agent")
 
 
+def kernel_series(version: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release, e.g. (6, 12): what per-kernel expectations key on."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 @dataclass(frozen=True)
 class Image:
     """A built image on disk."""
@@ -66,9 +72,7 @@ class Image:
 
     @property
     def kernel_series(self) -> tuple[int, int]:
-        """(major, minor) of the kernel, e.g. (6, 12): what per-kernel expectations key on."""
-        major, minor = self.kernel_version.split(".")[:2]
-        return int(major), int(minor)
+        return kernel_series(self.kernel_version)
 
 
 def _sha256(data: bytes) -> str:

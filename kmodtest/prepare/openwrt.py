@@ -29,6 +29,7 @@ from kmodtest.prepare import diskimage
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, OpenWrtSource
 from kmodtest.prepare.download import DownloadError, Remote, fetch_text, fetch_verified
+from kmodtest.prepare.images import kernel_series
 from kmodtest.prepare.keys import artifact_key
 from kmodtest.prepare.yamlfile import load_model
 from kmodtest.progress import Progress
@@ -149,8 +150,7 @@ class OpenWrtImage:
 
     @property
     def kernel_series(self) -> tuple[int, int]:
-        major, minor = self.kernel_version.split(".")[:2]
-        return int(major), int(minor)
+        return kernel_series(self.kernel_version)
 
     @property
     def release(self) -> str:
