@@ -16,7 +16,7 @@ from kmodtest.guest.channel import AgentChannel, UnixSocketTransport
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import Image
 from kmodtest.run.launcher import RunningMachine, SavableMachine
-from kmodtest.run.machine import MachineSpec, Nic
+from kmodtest.run.machine import Disk, MachineSpec, Nic
 
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core host; a healthy boot takes seconds
 # what /init prints when it finds no agent port (kmodtest/guest/files/init)
@@ -34,6 +34,32 @@ def kernel_cmdline(cell: Cell) -> str:
         "cryptomgr.notests mitigations=off"
     )
     return f"{base} {cell.spec.append}".strip()
+
+
+def cell_machine(
+    cell: Cell, name: str, nics: tuple[Nic, ...], run_dir: Path, log_dir: Path, accel: str,
+    icount: bool, *, kernel: Path | None, initrd: Path | None, cmdline: str | None,
+    disks: tuple[Disk, ...] = (), console_input: bool = False,
+) -> MachineSpec:  # fmt: skip
+    """The cell's machine (arch, board, CPU, memory) with what one kind of image boots from:
+    the one place a :class:`Boot` turns a cell into a :class:`MachineSpec`."""
+    return MachineSpec(
+        name=name,
+        arch=cell.arch,
+        machine=cell.machine,
+        cpu=cell.cpu,
+        memory_mb=cell.spec.memory_mb,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        run_dir=run_dir,
+        log_dir=log_dir,
+        accel=accel,
+        icount=icount,
+        nics=nics,
+        disks=disks,
+        console_input=console_input,
+    )
 
 
 class Boot(Protocol):
@@ -55,21 +81,10 @@ class DirectBoot:
         self, name: str, cell: Cell, image: Image, nics: tuple[Nic, ...], run_dir: Path,
         log_dir: Path, accel: str, icount: bool,
     ) -> MachineSpec:  # fmt: skip
-        return MachineSpec(
-            name=name,
-            arch=cell.arch,
-            machine=cell.machine,
-            cpu=cell.cpu,
-            memory_mb=cell.spec.memory_mb,
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=kernel_cmdline(cell),
-            run_dir=run_dir,
-            log_dir=log_dir,
-            accel=accel,
-            icount=icount,
-            nics=nics,
-        )
+        return cell_machine(
+            cell, name, nics, run_dir, log_dir, accel, icount,
+            kernel=image.kernel, initrd=image.initrd, cmdline=kernel_cmdline(cell),
+        )  # fmt: skip
 
     def connect(self, machine: RunningMachine, timeout: float) -> AgentChannel:
         def alive() -> bool:

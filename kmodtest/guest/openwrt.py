@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from kmodtest.errors import MachineError
+from kmodtest.guest.boot import cell_machine
 from kmodtest.guest.channel import AgentChannel, UnixSocketTransport
 from kmodtest.guest.console import Console
 from kmodtest.prepare.cells import Cell
@@ -78,23 +79,10 @@ class OpenWrtBoot:
             kernel = initrd = cmdline = None
         elif boot == "initramfs":  # the initramfs kernel alone: its device tree names the console
             cmdline = None
-        return MachineSpec(
-            name=name,
-            arch=cell.arch,
-            machine=cell.machine,
-            cpu=cell.cpu,
-            memory_mb=cell.spec.memory_mb,
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=cmdline,
-            run_dir=run_dir,
-            log_dir=log_dir,
-            accel=accel,
-            icount=icount,
-            nics=nics,
-            disks=disks,
-            console_input=True,
-        )
+        return cell_machine(
+            cell, name, nics, run_dir, log_dir, accel, icount,
+            kernel=kernel, initrd=initrd, cmdline=cmdline, disks=disks, console_input=True,
+        )  # fmt: skip
 
     def connect(self, machine: RunningMachine, timeout: float) -> AgentChannel:
         """Console: login prompt, Enter, shell; agent from its port; procd done; first answer."""
