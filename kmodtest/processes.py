@@ -63,10 +63,18 @@ def require_tool(
     return path
 
 
-def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start ``argv`` as a registered child, leader of its own process group, that dies with us."""
+def spawn(argv: Sequence[str], detachable: bool = False, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as a registered child, leader of its own process group, that dies with us.
+
+    ``detachable``: no death signal, and a session of its own (no terminal's hangup or Ctrl-C
+    reaches it), so :func:`detach` can let it outlive us (a VM kept for debugging). Until
+    then it is registered like any child and killed on exit.
+    """
     install_signal_handlers()
-    proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], process_group=0, **kwargs)
+    if detachable:
+        proc = subprocess.Popen([*argv], start_new_session=True, **kwargs)
+    else:
+        proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], process_group=0, **kwargs)
     with _lock:
         _children.add(proc)
     return proc
@@ -131,6 +139,13 @@ def _forget_if_reaped(proc: subprocess.Popen[bytes]) -> None:
     if proc.returncode is not None:
         with _lock:
             _children.discard(proc)
+
+
+def detach(proc: subprocess.Popen[bytes]) -> int:
+    """Let a child started ``detachable`` outlive us: no longer killed on exit. Its pid."""
+    with _lock:
+        _children.discard(proc)
+    return proc.pid
 
 
 def kill_all() -> None:

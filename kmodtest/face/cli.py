@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
+from kmodtest import __version__
 from kmodtest.errors import KmodtestError
-from kmodtest.face import kernelcmd, mutate, options, validate
+from kmodtest.face import interactive, kernelcmd, mutate, options, repro, validate
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix, load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
@@ -229,7 +231,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmodtest", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"kmodtest {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what happens (image builds, boots); run/shell: stream the "
+                        "guest console")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("cells", help="list the matrix cells")
@@ -261,9 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure build, boot, command round trip and reset times")
     _add_selectors(p)
-    p.add_argument("--boots", type=int, default=3)
-    p.add_argument("--commands", type=int, default=100)
-    p.add_argument("--resets", type=int, default=20)
+    p.add_argument("--boots", type=int, default=3, help="boots to time (default: 3)")
+    p.add_argument("--commands", type=int, default=100,
+                   help="agent round trips to time (default: 100)")  # fmt: skip
+    p.add_argument("--resets", type=int, default=20,
+                   help="network resets between tests to time (default: 20)")  # fmt: skip
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
     options.add_to_argparse(p, ["accel", "backend", "libvirt_uri"])
     p.set_defaults(func=cmd_bench)
@@ -303,13 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_offload)
 
     p = sub.add_parser("cache", help="what the cache holds; prune what nothing points to")
-    p.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    p.add_argument("action", nargs="?", choices=("list", "prune"), default="list",
+                   help="list (default): what the cache holds; prune: remove what nothing "
+                   "points to")  # fmt: skip
     p.add_argument("--all", action="store_true", help="prune: empty the cache")
     p.add_argument("--kind", help="prune: remove these kinds wholesale (e.g. sources,overlays)")
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     options.add_to_argparse(p, options.DIRS)
     p.set_defaults(func=cmd_cache)
 
+    interactive.add_parsers(sub)
+    repro.add_parser(sub)
     validate.add_parser(sub)
     mutate.add_parser(sub)
     kernelcmd.add_parser(sub)
@@ -328,6 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kmodtest matrix | head`: the reader left, so do we, quietly
+        stdout_gone()
+        return 141  # 128 + SIGPIPE, as a program the signal ended
+
+
+def stdout_gone() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from kmodtest import processes
 from kmodtest.errors import ConfigError, KmodtestError, MachineError
 from kmodtest.face import fixtures, options, patching
 from kmodtest.face.fixtures import ROUTER_KEY, SESSION_KEY, HostAlias
+from kmodtest.face.kept import KeptVm, keep_lab
 from kmodtest.face.options import Settings
 from kmodtest.face.scheduling import make_scheduler
 from kmodtest.face.session import KmodtestSession
@@ -68,6 +69,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="an .ipk (opkg, up to 24.10) or .apk (25.12+) to install on OpenWrt routers after "
         "boot, e.g. a patched kmod-nft-offload from your OpenWrt SDK (repeatable)",
     )
+    parser.getgroup("kmodtest").addoption(
+        "--keep-vm-on-failure",
+        action="store_true",
+        help="leave the VM of the first failing test running after the session, as the test "
+        "left it (kmodtest ps / attach ID / stop ID); QEMU backend only",
+    )
     parser.addini(
         HOST_INI,
         "give tests kmodtest's `host` (the router's testinfra Host); false keeps testinfra's",
@@ -105,14 +112,19 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         endpoints=matrix.default,
         two_vm=settings.topology == "two-vm",
     )
+    keep = bool(config.getoption("keep_vm_on_failure"))
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
-        backend=settings.backend, libvirt_uri=settings.libvirt_uri,
+        backend=settings.backend, libvirt_uri=settings.libvirt_uri, detachable=keep,
         # a module change (--module-patch/--module-src) is a new image each time: its saved
         # state would be used by one run and kept for nothing
         snapshots=None if settings.no_snapshots or images.overlay else Snapshots(cache),
     )  # fmt: skip
-    session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs)
+    session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs,
+                              keep_on_failure=keep)  # fmt: skip
+    if keep:  # a libvirt cell cannot keep its VM: say so now, not after the first failure
+        for cell in cells:
+            pool.launcher_for(cell)
     broad = settings.kernel == "all"  # a missing QEMU skips; for named or default cells it fails
     for cell in cells:
         if cell.openwrt is not None:  # downloaded ahead of time; never fetched mid-run
@@ -308,7 +320,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if held is None or report.when not in ("call", "setup"):
         return
     session, case, vm = held
-    if report.when == "call":
+    if report.when == "call" and report.failed and session.keep_on_failure and not session.kept:
+        # kept as the test left it: no reset, no health window (the user looks at it now)
+        if kept := keep_lab(session.pool, case, item.nodeid):
+            session.kept.append(kept)
+            report.sections.append(("kmodtest kept VM", _kept_text(kept)))
+    elif report.when == "call":
         # the reset after the test, and the console window of test and reset, belong to it
         problem = session.pool.end_test(case)
         if problem is not None:
@@ -344,6 +361,15 @@ def pytest_runtest_teardown(
             f"{problem}\nconsole log: {vm.console_log}",
             pytrace=False,
         )
+
+
+def _kept_text(vm: KeptVm) -> str:
+    return (
+        f"the VM of this test is kept running: {vm.id} (QEMU pid {vm.pid})\n"
+        f"  a shell in it: kmodtest attach {vm.id}\n"
+        f"  stop it:       kmodtest stop {vm.id}\n"
+        f"  console log:   {vm.console_log}"
+    )
 
 
 def _case_of(item: pytest.Item | None) -> tuple[str, str] | None:
@@ -405,6 +431,9 @@ class RunVerdict:
             terminalreporter.section("kmodtest cache: damaged entries", yellow=True)
             for note in self.discarded:
                 terminalreporter.write_line(note, yellow=True)
+        for vm in state.kept if state is not None else []:
+            terminalreporter.section("kmodtest: kept VM", yellow=True)
+            terminalreporter.write_line(f"{vm.test}\n{_kept_text(vm)}")
         for problem in self.problems:
             terminalreporter.section("kmodtest: kernel problem outside any test", red=True)
             terminalreporter.write_line(problem)

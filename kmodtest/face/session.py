@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest.face.kept import KeptVm
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix
@@ -22,6 +23,8 @@ class KmodtestSession:
     skips: dict[str, str] = field(default_factory=dict)  # cell id -> why it cannot run here
     # (cell id, NIC model) -> why that NIC cannot run here (e.g. igb before QEMU 8.0)
     nic_skips: dict[tuple[str, str], str] = field(default_factory=dict)
+    keep_on_failure: bool = False  # --keep-vm-on-failure: the first failing test's VM stays
+    kept: list[KeptVm] = field(default_factory=list)
 
     def finish(self, failed: bool) -> list[str]:
         """Stop every lab; kernel problems found outside any test. Logs stay when anything

@@ -21,7 +21,7 @@ from kmodtest.lifecycle.strategy import CaseStrategy
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.run.accel import AccelChoice, choose_accel
-from kmodtest.run.launcher import Launcher, make_launcher
+from kmodtest.run.launcher import Launcher, RunningMachine, make_launcher
 
 
 @dataclass
@@ -33,6 +33,8 @@ class RouterPool:
     backend: str | None = None  # --backend; None: the cell's backend:, else qemu
     libvirt_uri: str | None = None
     snapshots: Snapshots | None = None  # saved lab states; None: every VM boots cold
+    detachable: bool = False  # its VMs may be kept running after the run (QEMU only)
+    configure_network: bool = True  # False: guests only, no test network (kmodtest run)
     launchers: dict[str, Launcher] = field(default_factory=dict)  # backend name -> launcher
     strategies: dict[tuple[str, str], CaseStrategy] = field(default_factory=dict)
     current: CaseStrategy | None = None
@@ -51,7 +53,7 @@ class RouterPool:
     def launcher_for(self, cell: Cell) -> Launcher:
         backend = self.backend_for(cell)
         if backend not in self.launchers:
-            self.launchers[backend] = make_launcher(backend, self.libvirt_uri)
+            self.launchers[backend] = make_launcher(backend, self.libvirt_uri, self.detachable)
         return self.launchers[backend]
 
     def accel_for(self, cell: Cell) -> AccelChoice:
@@ -65,6 +67,7 @@ class RouterPool:
                 case, self.images, self.launcher_for(case.cell), self.accel_for(case.cell).accel,
                 log_dir=lambda: self._next_log_dir(case), icount=self.icount,
                 snapshots=self.snapshots,
+                configure_network=self.configure_network,
             )  # fmt: skip
         return self.strategies[case.key]
 
@@ -93,6 +96,11 @@ class RouterPool:
                 + "".join(f"; {g.name}" for g in router.guests.values() if g is not router.vm)
             )
         return router
+
+    def keep(self, case: VmCase) -> tuple[Router, list[RunningMachine], Path] | None:
+        """The case's running lab, handed over as the test left it (see
+        :meth:`CaseStrategy.detach`); the case's next test boots a new one."""
+        return self.strategy(case).detach()
 
     def end_test(self, case: VmCase) -> HealthProblem | None:
         """Reset after a test and scan its console window (see :meth:`CaseStrategy.end_test`)."""

@@ -73,6 +73,7 @@ class CaseStrategy:
     icount: bool = False
     boot_timeout: float = BOOT_TIMEOUT
     snapshots: Snapshots | None = None  # None: every VM boots cold
+    configure_network: bool = True  # False: guests up, test network not set (kmodtest run)
     state: State = State.OFF
     restored: bool = False  # the running lab came from a saved state, not a boot
     unsaved: str | None = None  # why the last cold boot's state could not be saved
@@ -138,6 +139,20 @@ class CaseStrategy:
             self.state = State.OFF
         return problem
 
+    def detach(self) -> tuple[Router, list[RunningMachine], Path] | None:
+        """Hand the running lab over as it is (network state included) instead of stopping
+        it: its router, machines and lab directory become the caller's (-> off here, so the
+        case's next test boots a new lab). None when no lab is running."""
+        if self.router is None or self._lab_dir is None:
+            return None
+        handed = (self.router, [launched.machine for launched in self._launched], self._lab_dir)
+        for guest in self.router.guests.values():
+            guest.channel.close()
+        self.router, self._lab_dir = None, None
+        self._launched.clear()
+        self.state = State.OFF
+        return handed
+
     # -- the boot, one transition at a time ---------------------------------------------------
 
     def _boot(self) -> None:
@@ -146,10 +161,11 @@ class CaseStrategy:
                 step()
             if self.restored:
                 self._resync_clock()
-            else:
+            elif self.configure_network:
                 self._network()
             self._ready()
-            if self._snapshot_key is not None and not self.restored:
+            # a saved state is a networked lab: one without the test network is never saved
+            if self._snapshot_key is not None and not self.restored and self.configure_network:
                 self._save_snapshot(self._snapshot_key)
         except KmodtestError as exc:
             self._stop_launched()

@@ -66,29 +66,41 @@ class QemuLauncher:
 
     name = "qemu"
 
+    def __init__(self, detachable: bool = False) -> None:
+        self.detachable = detachable  # VMs that may be kept running after the run
+
     def check(self) -> None:
         """QEMU binaries are checked per cell (a missing one skips or fails that cell)."""
 
     def start(self, spec: MachineSpec) -> RunningMachine:
         from kmodtest.run.qemu import QemuProcess
 
-        return QemuProcess.start(spec)
+        return QemuProcess.start(spec, detachable=self.detachable)
 
     def restore(self, spec: MachineSpec, state: Path) -> SavableMachine:
         from kmodtest.run.qemu import QemuProcess
 
-        return QemuProcess.start(spec, state)
+        return QemuProcess.start(spec, state, detachable=self.detachable)
 
 
 BACKENDS = ("qemu", "libvirt")
 
 
-def make_launcher(backend: str, libvirt_uri: str | None = None) -> Launcher:
-    """The launcher ``--backend`` (or a cell's ``backend:``) names."""
+def make_launcher(
+    backend: str, libvirt_uri: str | None = None, detachable: bool = False
+) -> Launcher:
+    """The launcher ``--backend`` (or a cell's ``backend:``) names; ``detachable``: its VMs
+    may be left running when the run ends (``--keep-vm-on-failure``; QEMU only)."""
     if backend == "libvirt":
+        if detachable:
+            raise ConfigError(
+                "a libvirt VM cannot be kept after the run (it is a transient domain that "
+                "libvirtd destroys when the run's connection closes)",
+                "use --backend qemu with --keep-vm-on-failure",
+            )
         from kmodtest.run.libvirt_launcher import DEFAULT_URI, LibvirtLauncher
 
         return LibvirtLauncher(libvirt_uri or DEFAULT_URI)
     if backend == "qemu":
-        return QemuLauncher()
+        return QemuLauncher(detachable)
     raise ConfigError(f"unknown backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")

@@ -105,8 +105,11 @@ class QemuProcess:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, spec: MachineSpec, state: Path | None = None) -> QemuProcess:
-        """Boot ``spec``, or with ``state`` load that saved state and wait paused."""
+    def start(
+        cls, spec: MachineSpec, state: Path | None = None, detachable: bool = False
+    ) -> QemuProcess:
+        """Boot ``spec``, or with ``state`` load that saved state and wait paused; a
+        ``detachable`` QEMU may outlive this process (--keep-vm-on-failure)."""
         binary = find_qemu(spec)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         spec.log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +122,8 @@ class QemuProcess:
             log.info("starting %s: %s", spec.name, " ".join(argv))
             stderr = files.enter_context(open(spec.log_dir / "qemu.stderr", "wb"))
             proc = processes.spawn(
-                argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
-                pass_fds=fds,
+                argv, detachable, stdin=subprocess.DEVNULL, stdout=stderr,
+                stderr=subprocess.STDOUT, pass_fds=fds,
             )  # fmt: skip
         return cls(spec, proc)
 
@@ -148,3 +151,7 @@ class QemuProcess:
 
     def stop(self) -> int | None:
         return processes.terminate(self.proc)
+
+    def detach(self) -> int:
+        """Leave QEMU running after we exit (it must have been started detachable); its pid."""
+        return processes.detach(self.proc)
