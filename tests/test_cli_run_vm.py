@@ -1,0 +1,215 @@
+"""``kmodtest run``, ``shell``, ``--keep-vm-on-failure`` / ``ps`` / ``attach`` / ``stop`` on real
+VMs of the default cell, driven as a user drives them: the installed command, a pty for the
+shell. Every test checks that no QEMU of its own is left behind (its logs go to ``tmp_path``,
+which every QEMU it starts names on its command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodtest.face.interactive import EXIT_CRASH, EXIT_TIMEOUT
+
+KMODTEST = [sys.executable, "-m", "kmodtest.face.cli"]
+
+
+def qemus_naming(text: str) -> list[int]:
+    """Pids of QEMU processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(text.encode() in a for a in argv):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "logs"
+    yield path
+    assert qemus_naming(str(path)) == [], "a QEMU of this test is still running"
+
+
+def run(logs: Path, *words: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KMODTEST, "run", "--log-dir", str(logs), *words],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_run_prints_the_guest_nft_version_and_exits_0(logs: Path) -> None:
+    out = run(logs, "--", "nft", "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("nftables v"), out.stdout
+
+
+def test_run_exits_with_the_command_s_status(logs: Path) -> None:
+    out = run(logs, "--", "false")
+    assert out.returncode == 1, out.stderr
+
+
+def test_run_streams_output_while_the_command_runs(logs: Path) -> None:
+    """The command never ends (it waits for a file nothing creates): its first line can only
+    reach us if output streams; then Ctrl-C stops kmodtest and its VM."""
+    proc = subprocess.Popen(
+        [*KMODTEST, "run", "--log-dir", str(logs), "--",
+         "echo first; echo to-stderr >&2; while ! [ -e /tmp/never ]; do sleep 0.2; done"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "first\n"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "to-stderr" in stderr
+
+
+def test_run_put_copies_a_script_that_then_runs(logs: Path, tmp_path: Path) -> None:
+    script = tmp_path / "probe.sh"
+    script.write_text('#!/bin/sh\necho "ran on $(uname -r) with $*"\nexit 7\n')
+    script.chmod(0o755)
+    out = run(logs, "--put", f"{script}:/opt/probe.sh", "--", "/opt/probe.sh", "a b", "c")
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.startswith("ran on ") and out.stdout.endswith(" with a b c\n")
+
+
+def test_run_timeout_kills_the_command_and_exits_124(logs: Path) -> None:
+    out = run(logs, "--timeout", "3", "--", "echo before; sleep 600; echo never")
+    assert out.returncode == EXIT_TIMEOUT, out.stderr
+    assert out.stdout == "before\n"
+    assert "--timeout 3" in out.stderr
+
+
+def test_a_command_that_panics_the_guest_gives_the_crash_code_and_excerpt(logs: Path) -> None:
+    out = run(logs, "--", "echo c >/proc/sysrq-trigger")
+    assert out.returncode == EXIT_CRASH, out.stderr
+    assert "Kernel panic" in out.stderr and "sysrq" in out.stderr.lower(), out.stderr
+    assert "console log: " in out.stderr
+
+
+class Terminal:
+    """A program on a pty of its own, as a user's terminal runs it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], rows: int = 30, cols: int = 100):
+        import fcntl
+        import struct
+        import termios
+
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.master = master
+        self.seen = b""
+
+    def expect(self, text: bytes, within: float = 300) -> None:
+        """Read until ``text`` appears (``within`` only bounds a hang; it measures nothing)."""
+        deadline = time.monotonic() + within
+        while text not in self.seen:
+            ready, _, _ = select.select([self.master], [], [], max(0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"{text!r} never came; the terminal shows:\n{self.tail}")
+            try:
+                self.seen += os.read(self.master, 65536)
+            except OSError:  # the program exited and closed the pty
+                raise AssertionError(f"{text!r} never came; it exited:\n{self.tail}") from None
+        self.seen = self.seen[self.seen.index(text) + len(text) :]
+
+    @property
+    def tail(self) -> str:
+        return self.seen[-2000:].decode(errors="replace")
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def close(self) -> int:
+        code = self.proc.wait(timeout=120)
+        os.close(self.master)
+        return code
+
+
+def test_shell_through_a_pty_types_reads_interrupts_and_leaves(logs: Path) -> None:
+    term = Terminal([*KMODTEST, "shell", "--log-dir", str(logs)], dict(os.environ, TERM="xterm"))
+    try:
+        term.expect(b"console log: ")
+        term.expect(b"# ")  # ash's prompt for root
+        term.send(b"echo $((6*7))\r")
+        term.expect(b"42")
+        term.send(b"stty size\r")  # the pty's size followed ours
+        term.expect(b"30 100")
+        term.send(b"sleep 1000\r")
+        term.send(b"\x03")  # Ctrl-C reaches the guest's foreground job ...
+        term.send(b"echo after-$((1+1))\r")
+        term.expect(b"after-2")  # ... or this would wait 1000 s
+        term.send(b"\x1d")  # the escape: Ctrl-]
+        term.expect(b"left the shell (escape)")
+    finally:
+        if term.proc.poll() is None and term.seen:
+            term.send(b"\x1d")
+    assert term.close() == 0
+
+
+KEEP_TESTS = """
+def test_fails_after_leaving_a_mark(router):
+    router.check("nft add table inet kept_mark")
+    assert False, "deliberate failure"
+
+
+def test_after_it_boots_a_fresh_vm(router):
+    assert "kept_mark" not in router.check("nft list tables")
+"""
+
+
+def test_keep_vm_on_failure_keeps_exactly_that_vm_attach_reaches_it_stop_removes_it(
+    logs: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_keep.py").write_text(KEEP_TESTS)
+    env = dict(os.environ, KMODTEST_STATE=str(tmp_path / "state"), TERM="xterm")
+    session = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--keep-vm-on-failure",
+         "--log-dir", str(logs), "test_keep.py", "-rA"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert session.returncode == 1, session.stdout[-3000:]
+    assert "1 failed, 1 passed" in session.stdout, session.stdout[-3000:]
+    records = sorted((tmp_path / "state" / "vms").glob("*.json"))
+    assert len(records) == 1, records
+    kept = json.loads(records[0].read_text())
+    assert kept["test"] == "test_keep.py::test_fails_after_leaving_a_mark"
+    assert f"kmodtest attach {kept['id']}" in session.stdout
+    # exactly that VM outlived the session (the second test's VM was stopped)
+    assert qemus_naming(str(logs)) == [kept["pid"]]
+    try:
+        ps = subprocess.run([*KMODTEST, "ps"], env=env, capture_output=True, text=True, check=True)
+        assert ps.stdout.count(kept["id"]) == 1, ps.stdout
+
+        term = Terminal([*KMODTEST, "attach", kept["id"][:20]], env)
+        term.expect(b"# ")
+        term.send(b"nft list tables\r")
+        term.expect(b"table inet kept_mark")  # the network state the failing test left
+        term.send(b"\x1d")
+        assert term.close() == 0
+        assert qemus_naming(str(logs)) == [kept["pid"]]  # leaving the shell keeps the VM
+    finally:
+        stop = subprocess.run([*KMODTEST, "stop", kept["id"]], env=env, capture_output=True,
+                              text=True)  # fmt: skip
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.strip() == f"stopped {kept['id']}"
+    assert not Path(kept["lab_dir"]).exists()
+    ps = subprocess.run([*KMODTEST, "ps"], env=env, capture_output=True, text=True, check=True)
+    assert ps.stdout.startswith("no kept VMs")
