@@ -42,6 +42,7 @@ from kmodtest.prepare.cells import load_matrix
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.modchange import ModuleChange
 from kmodtest.prepare.overlay import OverlayBuilder
+from kmodtest.prepare.tools import Tools, ToolsLayer
 from kmodtest.progress import Progress
 
 EXIT_CRASH = 123
@@ -158,15 +159,23 @@ def _pool(args: argparse.Namespace, network: bool) -> tuple[RouterPool, VmCase]:
         change = ModuleChange(patch=Path(args.module_patch).absolute())
         change.check()
         overlay = OverlayBuilder(cache, change, Progress(quiet=not args.verbose), log_root)
+    extra = Tools(tuple(_split(getattr(args, "package", None))),
+                  tuple(_split(getattr(args, "module", None))))  # fmt: skip
     images = Images(
         ImageBuilder(cache, settings.images_dir, Progress(quiet=not args.verbose)),
         refresh=settings.refresh_images, overlay=overlay,
+        tools=ToolsLayer(cache, extra, Progress(quiet=not args.verbose)),
     )  # fmt: skip
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
         backend=settings.backend, libvirt_uri=settings.libvirt_uri, configure_network=network,
     )  # fmt: skip
     return pool, VmCase(cell, nic)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Repeatable, comma-separated options (``--package bash,socat --package iputils-ping``)."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
 def _crash_report(router: Router, cause: str) -> int:
@@ -247,6 +256,20 @@ def cmd_shell(args: argparse.Namespace) -> int:
         pool.close()
 
 
+def cmd_selftests(args: argparse.Namespace) -> int:
+    """Copy the cell kernel's own tools/testing/selftests/net into ``--out``."""
+    from kmodtest.prepare.overlay import kernel_packages
+    from kmodtest.prepare.selftests import copy_selftests, get_selftests
+
+    pool, case = _pool(args, network=False)
+    progress = Progress(quiet=not args.verbose)
+    base = pool.images.builder.get(case.cell, refresh=pool.images.refresh)
+    tree = get_selftests(pool.images.builder.cache, kernel_packages(case.cell, base), progress)
+    copy_selftests(tree, Path(args.out))
+    print(f"{args.out}: tools/testing/selftests/net of kernel {base.kernel_version}")
+    return 0
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     vms = kept.kept_vms()
     if not vms:
@@ -290,6 +313,12 @@ def _lab_options(p: argparse.ArgumentParser) -> None:
                    help="show image builds and stream the guest console to stderr")  # fmt: skip
     options.add_to_argparse(p, ["kernel", "nic", "accel", "backend", "libvirt_uri", "icount",
                                 "log_dir", "refresh_images", *options.DIRS])  # fmt: skip
+    p.add_argument("--package", action="append", metavar="PKG[,PKG...]",
+                   help="Debian packages (of the cell's suite) to add to the image, as a cached "
+                   "layer; repeatable")  # fmt: skip
+    p.add_argument("--module", action="append", metavar="MOD[,MOD...]",
+                   help="modules of the cell's kernel to add (with their dependencies), in the "
+                   "same layer; repeatable")  # fmt: skip
     p.add_argument("--topology", action="store_true",
                    help="set up the test network first (the router's lan/wan ports, the "
                    "client and server namespaces), as the pytest fixtures do")  # fmt: skip
@@ -321,6 +350,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )  # fmt: skip
     _lab_options(p)
     p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser(
+        "selftests", help="copy the cell kernel's tools/testing/selftests/net (from its "
+        "Debian linux-source package) into a directory, for kmodtest run --put",
+    )  # fmt: skip
+    options.add_to_argparse(p, ["kernel", "refresh_images", *options.DIRS])
+    p.add_argument("--out", required=True, metavar="DIR", help="where the net/ tree goes")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the package fetch")  # fmt: skip
+    p.set_defaults(func=cmd_selftests, command="selftests")
 
     p = sub.add_parser("ps", help="list VMs kept by pytest --keep-vm-on-failure")
     p.set_defaults(func=cmd_ps)

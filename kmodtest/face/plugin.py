@@ -43,6 +43,7 @@ from kmodtest.prepare.cells import (
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.openwrt import OpenWrtImages
 from kmodtest.prepare.recipes import load_recipe
+from kmodtest.prepare.tools import ToolsLayer
 from kmodtest.progress import Progress
 from kmodtest.run import rundirs
 from kmodtest.run.devices import missing_nic
@@ -111,6 +112,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         openwrt_packages=_openwrt_packages(config),
         endpoints=matrix.default,
         two_vm=settings.topology == "two-vm",
+        tools=ToolsLayer(cache, progress=Progress(quiet=quiet)),  # cells' extra_packages:
     )
     keep = bool(config.getoption("keep_vm_on_failure"))
     pool = RouterPool(

@@ -33,6 +33,8 @@ class Images:
     openwrt_packages: tuple[Path, ...] = ()
     endpoints: Cell | None = None  # whose image endpoints VMs boot (the matrix default cell)
     two_vm: bool = False  # --topology two-vm: Debian routers get an endpoints VM too
+    # then extra packages and modules (a cell's extra_packages:, run --package): a layer too
+    tools: Callable[[Cell, Image], Image] | None = None
     built: dict[str, Image] = field(default_factory=dict)
     failed: dict[str, KmodtestError] = field(default_factory=dict)
 
@@ -42,7 +44,8 @@ class Images:
         if cell.id not in self.built:
             try:
                 image = self.builder.get(cell, refresh=self.refresh)
-                self.built[cell.id] = self.overlay(cell, image) if self.overlay else image
+                image = self.overlay(cell, image) if self.overlay else image
+                self.built[cell.id] = self.tools(cell, image) if self.tools else image
             except KmodtestError as exc:
                 self.failed[cell.id] = exc
                 raise

@@ -154,6 +154,10 @@ class CellSpec(_Strict):
     backend: Literal["qemu", "libvirt"] | None = None  # how VMs start (default: --backend)
     passthrough: PassthroughSpec | None = None  # adds a vfio-pci case on these host NICs
     memory_mb: int = Field(default=512, ge=128, le=8192)
+    # bring your own tools: Debian packages and modules of the cell's kernel, added to the
+    # image as a cached layer (kmodtest/prepare/tools.py)
+    extra_packages: tuple[str, ...] = ()
+    extra_modules: tuple[str, ...] = ()
     default: bool = False  # the cell `pytest vmtests/` uses without --kernel
     ci: bool = False  # run by .ci/run (sized for 90 minutes on 2 cores)
     # the GitHub Actions workflow whose jobs run this cell: "vmtests" (every push, one job per
