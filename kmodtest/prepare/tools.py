@@ -36,7 +36,17 @@ TOOLS_CODE = ("kmodtest.prepare.tools", "kmodtest.prepare.debian", "kmodtest.pre
 DROP = ("boot", "usr/lib/modules", "lib/modules", "usr/share/doc", "usr/share/man",
         "usr/share/info", "usr/share/locale", "usr/share/lintian", "usr/share/bug",
         "usr/share/zsh", "usr/share/fish", "usr/share/bash-completion", "etc/kernel",
-        "usr/share/initramfs-tools")  # fmt: skip
+        "usr/share/initramfs-tools", "usr/lib/*/gconv")  # fmt: skip
+
+
+NO_RECOMMENDS = 'APT::Install-Recommends "false"'
+# an mmdebstrap extract hook ($1: the tree): the kernel package alone, without what it depends
+# on (initramfs-tools, udev ...), unpacked under $1/kernel
+_KERNEL_HOOK = (
+    'set -e; export APT_CONFIG="$MMDEBSTRAP_APT_CONFIG"; mkdir -p "$1/.dl"; cd "$1/.dl"; '
+    "apt-get -q -o APT::Sandbox::User=root download '{pin}'; "
+    'for d in *.deb; do dpkg-deb -x "$d" "$1/kernel"; done; cd /; rm -rf "$1/.dl"'
+)
 
 
 @dataclass(frozen=True)
@@ -101,19 +111,29 @@ class ToolsLayer:
 
     def _build(self, cell: Cell, base: Image, tools: Tools, out: Path) -> None:
         source = kernel_source_for(cell)
-        wanted = list(tools.packages)
-        if tools.modules:
-            wanted.append(kernel_pin(cell, base))
+        apt = (*source.apt_options, NO_RECOMMENDS)
         with self.cache.workdir(prefix=f"layer-{cell.id}.") as tmp:
             work = Path(tmp)
-            with self.progress.step(f"{cell.id}: fetching {', '.join(wanted)}"):
-                tree = debian.fetch(source.suite, cell.arch.debian, wanted, work, self.progress,
-                                    source.apt_options, source.updates)  # fmt: skip
+            (work / "packages").mkdir()
+            with self.progress.step(f"{cell.id}: fetching {', '.join(tools.packages) or '-'}"):
+                tree = debian.fetch(
+                    source.suite, cell.arch.debian, list(tools.packages), work / "packages",
+                    self.progress, apt, source.updates,
+                )  # fmt: skip
             staging = work / "layer"
             shutil.copytree(tree.root, staging, symlinks=True, ignore=_dropped(tree.root))
             placed: list[str] = []
             if tools.modules:
-                placed = self._modules(base, tools, tree.root, staging)
+                pin = kernel_pin(cell, base)
+                (work / "kernel").mkdir()
+                with self.progress.step(f"{cell.id}: modules {', '.join(tools.modules)} ({pin})"):
+                    kernel = debian.fetch(
+                        source.suite, cell.arch.debian, [], work / "kernel", self.progress, apt,
+                        source.updates, hooks=(f"--extract-hook={_KERNEL_HOOK.format(pin=pin)}",),
+                    ).root / "kernel"  # fmt: skip
+                    if not (kernel / "lib").exists():
+                        (kernel / "lib").symlink_to("usr/lib")
+                    placed = self._modules(base, tools, kernel, staging)
             write_cpio(staging, work / "layer.cpio")
             with open(out / "initrd.cpio", "wb") as handle:
                 for part in (base.initrd, work / "layer.cpio"):
@@ -143,7 +163,12 @@ class ToolsLayer:
         modules.depmod(kernel_root, release)
         base_mods = list(base.manifest["modules"])
         found = modules.closure(kernel_root, release, list(tools.modules), base_mods)
-        return modules.install(found, kernel_root, staging, release)
+        names = modules.install(found, kernel_root, staging, release)
+        # the indexes cover every module; the base's own .ko files are in the base already
+        for ko in (staging / "usr" / "lib" / "modules" / release).rglob("*.ko"):
+            if ko.stem in base_mods:
+                ko.unlink()
+        return [n for n in names if n not in base_mods]
 
 
 def _dropped(root: Path):  # type: ignore[no-untyped-def]
