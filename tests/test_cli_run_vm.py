@@ -86,6 +86,18 @@ def test_run_put_copies_a_script_that_then_runs(logs: Path, tmp_path: Path) -> N
     assert out.stdout.startswith("ran on ") and out.stdout.endswith(" with a b c\n")
 
 
+def test_run_package_and_module_add_a_layer_the_command_uses(logs: Path) -> None:
+    """bash and xfrm_user are not in the router image; --package/--module put them in."""
+    out = run(logs, "--package", "bash", "--module", "xfrm_user", "--",
+              "bash -c 'echo bash $BASH_VERSION' && modprobe xfrm_user && "
+              "grep -o '^xfrm_user' /proc/modules")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("bash 5.") and second == "xfrm_user"
+    without = run(logs, "--", "command -v bash || echo no bash")
+    assert without.stdout == "no bash\n"
+
+
 def test_run_timeout_kills_the_command_and_exits_124(logs: Path) -> None:
     out = run(logs, "--timeout", "3", "--", "echo before; sleep 600; echo never")
     assert out.returncode == EXIT_TIMEOUT, out.stderr

@@ -178,6 +178,15 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
+def _still_running(router: Router, within: float = 10.0) -> bool:
+    """Whether the VM is still running ``within`` s after its channel broke (a panicking
+    guest's channel may close a moment before QEMU exits)."""
+    deadline = time.monotonic() + within
+    while router.alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return router.alive
+
+
 def _crash_report(router: Router, cause: str) -> int:
     problem = router.health(leaks=False) if router.alive else router.stop()
     if problem is None:
@@ -212,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 out: BinaryIO = sys.stdout.buffer
                 result = streamed.wait(out, sys.stderr.buffer, args.timeout)
             except (ChannelError, MachineError) as exc:
-                if not router.alive:
+                if not _still_running(router):
                     return _crash_report(router, f"the VM exited: {exc.problem}")
                 err(str(exc))
                 return EXIT_KMODTEST
