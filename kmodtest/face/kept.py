@@ -34,12 +34,14 @@ def vms_dir() -> Path:
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat)."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat);
+    None when there is no such process or it is a zombie (it has exited)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 @dataclass(frozen=True)
