@@ -7,9 +7,14 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from kmodtest import __version__
+from kmodtest.errors import ConfigError
 from kmodtest.face.cli import build_parser
+from kmodtest.face.interactive import Put, command_text
 
 KMODTEST = [sys.executable, "-m", "kmodtest.face.cli"]
 
@@ -64,3 +69,19 @@ def test_run_errors_are_one_line_and_a_fix() -> None:
     assert len(lines) == 2, out.stderr
     assert lines[0].startswith("kmodtest: ") and "no-such-cell" in lines[0]
     assert lines[1].strip().startswith("fix: ")
+
+
+def test_run_command_words() -> None:
+    assert command_text(["--", "nft", "--version"]) == "nft --version"
+    assert command_text(["--", "echo a; echo b"]) == "echo a; echo b"  # one word: shell text
+    assert command_text(["printf", "%s\n", "a b"]) == "printf '%s\n' 'a b'"  # several: quoted
+
+
+def test_put_needs_an_existing_source_and_an_absolute_guest_path(tmp_path: Path) -> None:
+    (tmp_path / "x.sh").write_text("true\n")
+    assert Put.parse(f"{tmp_path}/x.sh").dest == "/root/x.sh"
+    assert Put.parse(f"{tmp_path}/x.sh:/opt/y").dest == "/opt/y"
+    with pytest.raises(ConfigError, match="not an absolute guest path"):
+        Put.parse(f"{tmp_path}/x.sh:opt/y")
+    with pytest.raises(ConfigError, match="does not exist"):
+        Put.parse(f"{tmp_path}/missing")
