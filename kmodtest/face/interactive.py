@@ -16,6 +16,7 @@ import base64
 import io
 import os
 import shlex
+import shutil
 import sys
 import tarfile
 import threading
@@ -204,38 +205,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KmodtestError as exc:
         err(str(exc))
         return EXIT_KMODTEST
+    rc = EXIT_KMODTEST
     try:
-        try:
-            router = pool.acquire(case)
-        except KmodtestError as exc:
-            err(str(exc))
-            return EXIT_KMODTEST
-        if args.verbose:
-            err(f"{router.name}: kernel {router.image.kernel_version}")
-        with follow_console(router.console_log, args.verbose):
-            try:
-                for item in puts:
-                    put(router.vm, item)
-                streamed = StreamedCommand(router.vm, command)
-                streamed.start()
-                out: BinaryIO = sys.stdout.buffer
-                result = streamed.wait(out, sys.stderr.buffer, args.timeout)
-            except (ChannelError, MachineError) as exc:
-                if not _still_running(router):
-                    return _crash_report(router, f"the VM exited: {exc.problem}")
-                err(str(exc))
-                return EXIT_KMODTEST
-            if problem := router.health(leaks=False):
-                err(f"the guest kernel reported a problem while the command ran\n{problem}")
-                err(f"console log: {router.console_log}")
-                return EXIT_CRASH
-        if result.timed_out:
-            err(f"the command ran longer than --timeout {args.timeout:g} s and was killed")
-            return EXIT_TIMEOUT
-        assert result.exit_status is not None
-        return result.exit_status
+        rc = _run_held(pool, case, command, puts, args)
+        return rc
     finally:
         pool.close()
+        if rc == 0 and not args.keep_logs:  # the console log stays when anything failed
+            shutil.rmtree(pool.log_root, ignore_errors=True)
+
+
+def _run_held(
+    pool: RouterPool, case: VmCase, command: str, puts: list[Put], args: argparse.Namespace
+) -> int:
+    try:
+        router = pool.acquire(case)
+    except KmodtestError as exc:
+        err(str(exc))
+        return EXIT_KMODTEST
+    if args.verbose:
+        err(f"{router.name}: kernel {router.image.kernel_version}")
+    with follow_console(router.console_log, args.verbose):
+        try:
+            for item in puts:
+                put(router.vm, item)
+            streamed = StreamedCommand(router.vm, command)
+            streamed.start()
+            out: BinaryIO = sys.stdout.buffer
+            result = streamed.wait(out, sys.stderr.buffer, args.timeout)
+        except (ChannelError, MachineError) as exc:
+            if not _still_running(router):
+                return _crash_report(router, f"the VM exited: {exc.problem}")
+            err(str(exc))
+            return EXIT_KMODTEST
+        if problem := router.health(leaks=False):
+            err(f"the guest kernel reported a problem while the command ran\n{problem}")
+            err(f"console log: {router.console_log}")
+            return EXIT_CRASH
+    if result.timed_out:
+        err(f"the command ran longer than --timeout {args.timeout:g} s and was killed")
+        return EXIT_TIMEOUT
+    assert result.exit_status is not None
+    return result.exit_status
 
 
 def shell_session(guest: Runs, qmp_socket: Path, run_dir: Path, console_log: Path) -> int:
@@ -320,8 +331,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def _lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show image builds and stream the guest console to stderr")  # fmt: skip
-    options.add_to_argparse(p, ["kernel", "nic", "accel", "backend", "libvirt_uri", "icount",
-                                "log_dir", "refresh_images", *options.DIRS])  # fmt: skip
+    names = ["kernel", "nic", "accel", "backend", "libvirt_uri", "icount", "log_dir", "keep_logs"]
+    options.add_to_argparse(p, [*names, "refresh_images", *options.DIRS])
     p.add_argument("--package", action="append", metavar="PKG[,PKG...]",
                    help="Debian packages (of the cell's suite) to add to the image, as a cached "
                    "layer; repeatable")  # fmt: skip
