@@ -19,6 +19,7 @@ from kmodtest.errors import ConfigError, MachineError
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.run.qmp import Qmp
+from kmodtest.run.rundirs import keep_outside_run
 
 
 def state_dir() -> Path:
@@ -126,11 +127,16 @@ def keep_lab(pool: RouterPool, case: VmCase, test: str) -> KeptVm | None:
             machine.stop()
         return None
     pid = detach()
+    moved = keep_outside_run(lab_dir)
+
+    def outside(path: Path) -> str:
+        return str(moved / path.relative_to(lab_dir))
+
     vm = KeptVm(
         id=f"{router.name}-{pid}", pid=pid, pid_start=start_time(pid) or 0, name=router.name,
         test=test, kernel=router.image.kernel_version,
-        agent_socket=str(router.spec.agent_socket), qmp_socket=str(router.spec.qmp_socket),
-        lab_dir=str(lab_dir), console_log=str(router.console_log), kept_at=time.time(),
+        agent_socket=outside(router.spec.agent_socket), qmp_socket=outside(router.spec.qmp_socket),
+        lab_dir=str(moved), console_log=str(router.console_log), kept_at=time.time(),
     )  # fmt: skip
     vm.save()
     return vm

@@ -48,3 +48,11 @@ def new_lab_dir() -> Path:
     """A fresh, private (0700) directory for one lab's sockets, inside the run root."""
     # a process started by a run (a worker, the CLI under a test) files its labs under that run
     return Path(tempfile.mkdtemp(prefix="", dir=_own_root or start_run(worker=True)))
+
+
+def keep_outside_run(lab_dir: Path) -> Path:
+    """Move a kept lab's directory out of the run root, which is removed when the run ends:
+    its VM outlives the run, and its bound sockets move with the directory (same file system)."""
+    kept = Path(tempfile.mkdtemp(prefix="kt-kept-"))
+    os.rename(lab_dir, kept)  # onto an empty directory: allowed, and atomic
+    return kept
