@@ -27,7 +27,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kmodtest.errors import BuildError, KmodtestError
@@ -146,6 +146,19 @@ def detach(proc: subprocess.Popen[bytes]) -> int:
     with _lock:
         _children.discard(proc)
     return proc.pid
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends (one that came meanwhile is
+    delivered right after): a cleanup such as stopping a VM is never cut short by a second
+    signal (a closing terminal sends SIGHUP, then its session may send SIGTERM)."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def kill_all() -> None:

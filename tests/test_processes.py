@@ -104,3 +104,26 @@ def test_children_die_when_their_parent_is_killed(tmp_path):
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     assert _gone(child), "the child outlived its SIGKILLed parent"
+
+
+def test_a_signal_during_a_held_cleanup_waits_until_it_is_done(tmp_path):
+    """A second SIGTERM while a VM is being stopped must not cut the stop short: it is
+    delivered (as KeyboardInterrupt) only once the held block has finished."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from kmodtest import processes
+        processes.install_signal_handlers()
+        try:
+            with processes.signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one while held: merged
+                print("cleanup finished", flush=True)
+        except KeyboardInterrupt as exc:
+            print(f"then: {exc}", flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "cleanup finished"
+    assert out.stdout.splitlines()[1].startswith("then: signal ")
