@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from kmodtest import processes
 from kmodtest.errors import ChannelError, ConfigError, KmodtestError, MachineError
 from kmodtest.face import kept, options
 from kmodtest.face.terminal import ESCAPE_NAME, bridge, terminal_size
@@ -210,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rc = _run_held(pool, case, command, puts, args)
         return rc
     finally:
-        pool.close()
+        with processes.signals_held():
+            pool.close()
         if rc == 0 and not args.keep_logs:  # the console log stays when anything failed
             shutil.rmtree(pool.log_root, ignore_errors=True)
 
@@ -249,8 +251,12 @@ def _run_held(
     return result.exit_status
 
 
-def shell_session(guest: Runs, qmp_socket: Path, run_dir: Path, console_log: Path) -> int:
-    """A shell on the user's terminal until they leave (Ctrl-]) or it exits."""
+def shell_session(
+    guest: Runs, qmp_socket: Path, run_dir: Path, console_log: Path, vm_stays: bool
+) -> int:
+    """A shell on the user's terminal until they leave (Ctrl-]) or it exits. ``vm_stays``
+    (a kept VM): the guest's shell and its console port are removed after; else only the
+    host end closes, as the caller stops the VM."""
     rows, cols = terminal_size(sys.stdin.fileno())
     shell = GuestShell(guest, qmp_socket, run_dir)
     err(f"console log: {console_log}")
@@ -259,21 +265,25 @@ def shell_session(guest: Runs, qmp_socket: Path, run_dir: Path, console_log: Pat
         sock = shell.open(os.environ.get("TERM", "vt100"), rows, cols)
         how = bridge(sock, sys.stdin.fileno(), sys.stdout.fileno(), shell.resize)
     finally:
-        shell.close()
+        with processes.signals_held():
+            shell.close(unplug=vm_stays)
     print(file=sys.stderr)
     err(f"left the shell ({how})")
     return 0
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
+    """The VM goes with the shell however it ends: the escape, the shell's exit, end of input,
+    a hangup, a signal or an exception (and SIGKILL: QEMU's death signal)."""
     pool, case = _pool(args, network=args.topology)
     try:
         router = pool.acquire(case)
         with follow_console(router.console_log, args.verbose):
             return shell_session(router.vm, router.spec.qmp_socket, router.spec.run_dir,
-                                 router.console_log)  # fmt: skip
+                                 router.console_log, vm_stays=False)  # fmt: skip
     finally:
-        pool.close()
+        with processes.signals_held():
+            pool.close()
 
 
 def cmd_selftests(args: argparse.Namespace) -> int:
@@ -311,7 +321,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         channel.run("true", timeout=30)
         err(f"attached to {vm.id} (left by {vm.test})")
         return shell_session(channel, Path(vm.qmp_socket), Path(vm.lab_dir),
-                             Path(vm.console_log))  # fmt: skip
+                             Path(vm.console_log), vm_stays=True)  # fmt: skip
     finally:
         channel.close()
 

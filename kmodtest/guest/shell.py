@@ -65,6 +65,9 @@ class GuestShell:
         term = "".join(c for c in term if c.isalnum() or c in "-_.") or "vt100"
         lines = (
             f"tty >{script}.tty",
+            # the size is set before the shell starts: set later, it reaches ash as a SIGWINCH
+            # while it draws its first prompt, racing the first keys
+            f"stty rows {max(rows, 1)} cols {max(cols, 1)}",
             f"export TERM={term} ENV=/etc/kmodtest/shadows HOME=/root",
             "cd /root",
             "/bin/busybox sh -i",
@@ -80,7 +83,6 @@ class GuestShell:
             raise ChannelError(f"could not start a shell in the guest: {reply.stderr!r}")
         self.socat_pid = int(reply.stdout.split()[-1])
         self.tty = self._wait_for(f"{script}.tty")
-        self.resize(rows, cols)
         return self.sock
 
     def _consoles(self) -> set[str]:
@@ -116,13 +118,16 @@ class GuestShell:
         if self.tty and rows > 0 and cols > 0:
             self.guest.run(f"stty -F {self.tty} rows {rows} cols {cols}; :", timeout=30)
 
-    def close(self) -> None:
-        """Stop the shell (and what runs in its session), unplug the port."""
+    def close(self, unplug: bool = True) -> None:
+        """Stop the shell (and what runs in its session), unplug the port; never raises.
+        ``unplug=False``: only the host end closes (the VM is about to be stopped anyway)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if not unplug:
+            return
         if self.socat_pid:
-            with contextlib.suppress(ChannelError):  # a guest that is gone runs nothing
+            with contextlib.suppress(ChannelError, OSError):  # a guest that is gone runs nothing
                 self.guest.run(
                     f"kill -HUP {self.socat_pid} 2>/dev/null; rm -f {STATE}/sh-{self.tag}.*; :",
                     timeout=30,
@@ -140,6 +145,6 @@ class GuestShell:
                         if time.monotonic() > deadline:
                             break
                         time.sleep(0.2)
-        except MachineError:
-            pass  # QEMU is gone
+        except (MachineError, OSError):
+            pass  # QEMU is gone, or does not answer
         (self.run_dir / f"sh-{self.tag}.sock").unlink(missing_ok=True)
