@@ -5,13 +5,16 @@ which every QEMU it starts names on its command line)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,19 +118,38 @@ def test_a_command_that_panics_the_guest_gives_the_crash_code_and_excerpt(logs: 
 
 
 class Terminal:
-    """A program on a pty of its own, as a user's terminal runs it."""
+    """A program on a pty of its own, as a terminal window runs it: with ``ctty`` the pty is
+    its controlling terminal (``setsid -c``), so resizing and closing the window reach it as
+    SIGWINCH and SIGHUP. Leaving the ``with`` block ends the program (the escape, then
+    SIGKILL), so a failed test still leaves the QEMU check a finished program."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], rows: int = 30, cols: int = 100):
-        import fcntl
-        import struct
-        import termios
-
+    def __init__(self, argv: list[str], env: dict[str, str], ctty: bool = True) -> None:
         master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
-        os.close(slave)
         self.master = master
+        self.rows = 0
+        self.resize(30, 100)
+        setsid = ["setsid", "--ctty"] if ctty else []
+        self.proc = subprocess.Popen([*setsid, *argv], stdin=slave, stdout=slave, stderr=slave,
+                                     env=env)  # fmt: skip
+        os.close(slave)
         self.seen = b""
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc.poll() is None and self.master >= 0:
+            self.send(b"\x1d")
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # its QEMU goes too (its death signal)
+            self.proc.wait()
+        self.hang_up()
+
+    def resize(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.rows = rows
 
     def expect(self, text: bytes, within: float = 300) -> None:
         """Read until ``text`` appears (``within`` only bounds a hang; it measures nothing)."""
@@ -140,8 +162,12 @@ class Terminal:
                 data = os.read(self.master, 65536)
             except OSError:  # the program exited and closed the pty
                 raise AssertionError(f"{text!r} never came; it exited:\n{self.tail}") from None
-            if b"\x1b[6n" in data:  # ash asks where the cursor is; a terminal answers
-                self.send(b"\x1b[1;3R")
+            if b"\x1b[6n" in data:
+                # ash asks where the cursor is and a terminal answers (kmodtest passes it on):
+                # the last row, after ash's 4-column prompt. Not row 1 column 3: busybox takes
+                # "ESC [ 1 ; 3" for the start of Alt-Right and swallows the keys that follow
+                # within 50 ms (a script's, not a person's)
+                self.send(f"\x1b[{self.rows};5R".encode())
             self.seen += data
         self.seen = self.seen[self.seen.index(text) + len(text) :]
 
@@ -152,21 +178,28 @@ class Terminal:
     def send(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
-    def close(self) -> int:
-        code = self.proc.wait(timeout=120)
-        os.close(self.master)
-        return code
+    def hang_up(self) -> None:
+        """Close the terminal window."""
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+    def wait(self) -> int:
+        return self.proc.wait(timeout=120)
 
 
-def test_shell_through_a_pty_types_reads_interrupts_and_leaves(logs: Path) -> None:
-    term = Terminal([*KMODTEST, "shell", "--log-dir", str(logs)], dict(os.environ, TERM="xterm"))
-    try:
+def test_shell_through_a_pty_types_reads_interrupts_resizes_and_leaves(logs: Path) -> None:
+    with Terminal([*KMODTEST, "shell", "--log-dir", str(logs)],
+                  dict(os.environ, TERM="xterm")) as term:  # fmt: skip
         term.expect(b"console log: ")
         term.expect(b"# ")  # ash's prompt for root
         term.send(b"echo $((6*7))\r")
         term.expect(b"42")
-        term.send(b"stty size\r")  # the pty's size followed ours
+        term.send(b"stty size\r")  # the guest pty's size is the terminal's ...
         term.expect(b"30 100")
+        term.resize(40, 120)  # ... and follows it
+        term.send(b"stty size\r")
+        term.expect(b"40 120")
         # the job itself says it runs (the echoed command line reads re''ady, not ready): by
         # then it is the terminal's foreground job, so a Ctrl-C cannot reach ash's line editor
         term.send(b"sh -c 'echo re''ady; exec sleep 1000'\r")
@@ -176,10 +209,43 @@ def test_shell_through_a_pty_types_reads_interrupts_and_leaves(logs: Path) -> No
         term.expect(b"after-2")  # ... or this would wait 1000 s
         term.send(b"\x1d")  # the escape: Ctrl-]
         term.expect(b"left the shell (escape)")
-    finally:
-        if term.proc.poll() is None and term.seen:
-            term.send(b"\x1d")
-    assert term.close() == 0
+        assert term.wait() == 0
+
+
+@pytest.mark.parametrize("ending", ["exit", "end-of-input", "hangup", "read-error", "sigterm"])
+def test_the_vm_goes_with_the_shell_however_it_ends(logs: Path, ending: str) -> None:
+    """exit: the guest shell exits; end-of-input: stdin is a pipe the user closes; hangup: the
+    terminal window closes (SIGHUP); read-error: the same without a controlling terminal, so
+    reading the keys fails (an exception); sigterm: the process is told to stop. In every case
+    kmodtest ends by itself (not by the signal's default action: it unwinds) and the fixture
+    finds no QEMU of it."""
+    argv = [*KMODTEST, "shell", "--log-dir", str(logs)]
+    if ending == "end-of-input":
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        seen = b""
+        while b"# " not in seen:
+            chunk = proc.stdout.read1(65536)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        proc.stdin.close()
+        out = proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, out
+        assert b"left the shell (closed)" in out, out
+        return
+    with Terminal(argv, dict(os.environ, TERM="xterm"), ctty=ending != "read-error") as term:
+        term.expect(b"# ")
+        if ending == "exit":
+            term.send(b"exit\r")
+            term.expect(b"left the shell (exit)")
+            assert term.wait() == 0
+        elif ending == "sigterm":
+            term.proc.send_signal(signal.SIGTERM)
+            assert term.wait() == 130
+        else:
+            term.hang_up()
+            assert term.wait() >= 0  # an exit code: kmodtest unwound, the signal did not kill it
 
 
 KEEP_TESTS = """
@@ -219,12 +285,12 @@ def test_keep_vm_on_failure_keeps_exactly_that_vm_attach_reaches_it_stop_removes
         ps = subprocess.run([*KMODTEST, "ps"], env=env, capture_output=True, text=True, check=True)
         assert ps.stdout.count(kept["id"]) == 1, ps.stdout
 
-        term = Terminal([*KMODTEST, "attach", kept["id"][:20]], env)
-        term.expect(b"# ")
-        term.send(b"nft list tables\r")
-        term.expect(b"table inet kept_mark")  # the network state the failing test left
-        term.send(b"\x1d")
-        assert term.close() == 0
+        with Terminal([*KMODTEST, "attach", kept["id"][:20]], env) as term:
+            term.expect(b"# ")
+            term.send(b"nft list tables\r")
+            term.expect(b"table inet kept_mark")  # the network state the failing test left
+            term.send(b"\x1d")
+            assert term.wait() == 0
         assert qemus_naming(str(logs)) == [kept["pid"]]  # leaving the shell keeps the VM
     finally:
         stop = subprocess.run([*KMODTEST, "stop", kept["id"]], env=env, capture_output=True,
