@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from kmodtest.errors import ConfigError, MachineError
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.run.qmp import Qmp
-from kmodtest.run.rundirs import keep_outside_run
+from kmodtest.run.rundirs import keep_lab_dir, release_lab_dir
 
 
 def state_dir() -> Path:
@@ -55,7 +54,7 @@ class KeptVm:
     kernel: str
     agent_socket: str
     qmp_socket: str
-    lab_dir: str  # the sockets' directory, removed by `kmodtest stop`
+    lab_dir: str  # the sockets' directory (in its run's root), removed by `kmodtest stop`
     console_log: str
     kept_at: float
 
@@ -88,7 +87,7 @@ class KeptVm:
                 time.sleep(0.1)
             if self.alive:
                 os.kill(self.pid, signal.SIGKILL)
-        shutil.rmtree(self.lab_dir, ignore_errors=True)
+        release_lab_dir(Path(self.lab_dir))
         (vms_dir() / f"{self.id}.json").unlink(missing_ok=True)
 
 
@@ -127,16 +126,12 @@ def keep_lab(pool: RouterPool, case: VmCase, test: str) -> KeptVm | None:
             machine.stop()
         return None
     pid = detach()
-    moved = keep_outside_run(lab_dir)
-
-    def outside(path: Path) -> str:
-        return str(moved / path.relative_to(lab_dir))
-
+    keep_lab_dir(lab_dir)
     vm = KeptVm(
         id=f"{router.name}-{pid}", pid=pid, pid_start=start_time(pid) or 0, name=router.name,
         test=test, kernel=router.image.kernel_version,
-        agent_socket=outside(router.spec.agent_socket), qmp_socket=outside(router.spec.qmp_socket),
-        lab_dir=str(moved), console_log=str(router.console_log), kept_at=time.time(),
+        agent_socket=str(router.spec.agent_socket), qmp_socket=str(router.spec.qmp_socket),
+        lab_dir=str(lab_dir), console_log=str(router.console_log), kept_at=time.time(),
     )  # fmt: skip
     vm.save()
     return vm

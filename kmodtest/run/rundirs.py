@@ -5,18 +5,21 @@ directly under the temp dir. The process that starts the run (pytest's controlle
 makes one run root and removes it whole when it ends; xdist workers put their labs into
 their controller's root (passed down in the environment). So a worker killed by its
 controller on SIGINT/SIGTERM, before it could remove its own lab directories, leaves nothing
-behind.
+behind. The one exception is a lab kept for debugging (``--keep-vm-on-failure``): it stays,
+in its run root, until ``kmodtest stop`` releases it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 RUN_ROOT_ENV = "KMODTEST_RUN_ROOT"
+KEPT_MARK = ".kept"  # in a lab directory: its VM outlives the run (keep_lab_dir)
 _own_root: Path | None = None
 
 
@@ -35,13 +38,30 @@ def start_run(worker: bool = False) -> Path:
 
 
 def end_run() -> None:
-    """Remove this process's run root (its workers have stopped by now)."""
+    """Remove this process's run root (its workers have stopped by now), but for kept labs."""
     global _own_root
     if _own_root is not None:
-        shutil.rmtree(_own_root, ignore_errors=True)
+        _remove_unkept(_own_root)
         if os.environ.get(RUN_ROOT_ENV) == str(_own_root):
             del os.environ[RUN_ROOT_ENV]
         _own_root = None
+
+
+def _remove_unkept(root: Path) -> None:
+    """Remove ``root`` with every lab in it, except kept ones (the root stays while one does)."""
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if (entry / KEPT_MARK).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: a kept lab is in it
+        root.rmdir()
 
 
 def new_lab_dir() -> Path:
@@ -50,9 +70,18 @@ def new_lab_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="", dir=_own_root or start_run(worker=True)))
 
 
-def keep_outside_run(lab_dir: Path) -> Path:
-    """Move a kept lab's directory out of the run root, which is removed when the run ends:
-    its VM outlives the run, and its bound sockets move with the directory (same file system)."""
-    kept = Path(tempfile.mkdtemp(prefix="kt-kept-"))
-    os.rename(lab_dir, kept)  # onto an empty directory: allowed, and atomic
-    return kept
+def keep_lab_dir(lab_dir: Path) -> None:
+    """Let a lab's directory outlive its run, for its VM kept running after it
+    (``--keep-vm-on-failure``); whichever process removes the run root spares it.
+
+    It stays where it is: QEMU holds its sockets' paths, and its dgram links send each packet
+    to the peer socket's *path*, so a moved directory would cut the kept VM's network."""
+    (lab_dir / KEPT_MARK).touch()
+
+
+def release_lab_dir(lab_dir: Path) -> None:
+    """A kept lab's VM is gone: remove its directory, and its run root once nothing else is
+    in it."""
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another kept lab, or a run still going
+        lab_dir.parent.rmdir()
