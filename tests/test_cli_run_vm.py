@@ -251,6 +251,7 @@ def test_the_vm_goes_with_the_shell_however_it_ends(logs: Path, ending: str) -> 
 KEEP_TESTS = """
 def test_fails_after_leaving_a_mark(router):
     router.check("nft add table inet kept_mark")
+    router.check("sleep 1000 >/dev/null 2>&1 </dev/null &")  # as a test's daemon would
     assert False, "deliberate failure"
 
 
@@ -285,10 +286,16 @@ def test_keep_vm_on_failure_keeps_exactly_that_vm_attach_reaches_it_stop_removes
         ps = subprocess.run([*KMODTEST, "ps"], env=env, capture_output=True, text=True, check=True)
         assert ps.stdout.count(kept["id"]) == 1, ps.stdout
 
+        # the agent is back after the session's end (the daemon the test left does not hold
+        # its port), and the lab's links still carry packets (its sockets were not moved)
         with Terminal([*KMODTEST, "attach", kept["id"][:20]], env) as term:
             term.expect(b"# ")
             term.send(b"nft list tables\r")
             term.expect(b"table inet kept_mark")  # the network state the failing test left
+            for ns, router_address in (("client", "192.0.2.1"), ("server", "198.51.100.1")):
+                term.send(f"ip netns exec {ns} ping -c 1 -W 5 {router_address} >/dev/null "
+                          f"&& echo {ns}-''reached\r".encode())  # fmt: skip
+                term.expect(f"{ns}-reached".encode())
             term.send(b"\x1d")
             assert term.wait() == 0
         assert qemus_naming(str(logs)) == [kept["pid"]]  # leaving the shell keeps the VM
@@ -297,6 +304,7 @@ def test_keep_vm_on_failure_keeps_exactly_that_vm_attach_reaches_it_stop_removes
                               text=True)  # fmt: skip
     assert stop.returncode == 0, stop.stderr
     assert stop.stdout.strip() == f"stopped {kept['id']}"
-    assert not Path(kept["lab_dir"]).exists()
+    lab = Path(kept["lab_dir"])
+    assert not lab.exists() and not lab.parent.exists()  # its run's root went with it
     ps = subprocess.run([*KMODTEST, "ps"], env=env, capture_output=True, text=True, check=True)
     assert ps.stdout.startswith("no kept VMs")
