@@ -11,7 +11,6 @@ import contextlib
 import os
 import select
 import shutil
-import signal
 import socket
 import termios
 import tty
@@ -41,7 +40,7 @@ def raw_mode(fd: int) -> Iterator[None]:
         return
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSADRAIN)  # not the default TCSAFLUSH: keys typed ahead stay
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -51,43 +50,44 @@ def bridge(
     sock: socket.socket, stdin_fd: int, stdout_fd: int, on_resize: Callable[[int, int], None]
 ) -> str:
     """Copy keys to the guest and its output back until the user leaves or the shell ends;
-    why it ended ("escape", "exit", "closed")."""
-    resized = False
+    why it ended ("escape", "exit", "closed").
 
-    def winch(_signum: int, _frame: object) -> None:
-        nonlocal resized
-        resized = True
-
-    previous = signal.signal(signal.SIGWINCH, winch)
-    tail = b""  # the last bytes of output, for an EXIT_MARK split across reads
-    try:
-        with raw_mode(stdin_fd):
-            while True:
-                if resized:
-                    resized = False
-                    on_resize(*terminal_size(stdin_fd))
-                try:
-                    ready, _, _ = select.select([sock, stdin_fd], [], [], 0.5)
-                except InterruptedError:
-                    continue
-                if stdin_fd in ready:
-                    keys = os.read(stdin_fd, 4096)
-                    if not keys:
-                        return "closed"
-                    before, escape, _ = keys.partition(ESCAPE)
-                    if before:
-                        sock.sendall(before)
-                    if escape:
-                        return "escape"
-                if sock in ready:
-                    data = sock.recv(65536)
-                    if not data:
-                        return "closed"
-                    seen = tail + data
-                    if (at := seen.find(EXIT_MARK)) >= 0:
-                        os.write(stdout_fd, data[: max(0, at - len(tail))])
-                        return "exit"
+    The window size is compared on every wake-up (keys, output, or 0.5 s), before keys are
+    passed on: keys typed after a resize reach a guest that has the new size."""
+    size = terminal_size(stdin_fd)
+    held = b""  # output that may be the start of EXIT_MARK: shown once it turns out not to be
+    with raw_mode(stdin_fd):
+        while True:
+            ready, _, _ = select.select([sock, stdin_fd], [], [], 0.5)
+            if (now := terminal_size(stdin_fd)) != size:
+                size = now
+                on_resize(*size)
+            if stdin_fd in ready:
+                keys = os.read(stdin_fd, 4096)
+                if not keys:
+                    return "closed"
+                before, escape, _ = keys.partition(ESCAPE)
+                if before:
+                    sock.sendall(before)
+                if escape:
+                    return "escape"
+            if sock in ready:
+                received = sock.recv(65536)
+                data = held + received
+                if not received:
                     os.write(stdout_fd, data)
-                    tail = seen[-len(EXIT_MARK) :]
-    finally:
-        signal.signal(signal.SIGWINCH, previous)
+                    return "closed"
+                if (at := data.find(EXIT_MARK)) >= 0:
+                    os.write(stdout_fd, data[:at])
+                    return "exit"
+                keep = _mark_start(data)
+                os.write(stdout_fd, data[: len(data) - keep])
+                held = data[len(data) - keep :]
+
+
+def _mark_start(data: bytes) -> int:
+    """The length of the longest end of ``data`` that EXIT_MARK starts with (0: none)."""
+    for length in range(min(len(data), len(EXIT_MARK) - 1), 0, -1):
+        if data.endswith(EXIT_MARK[:length]):
+            return length
+    return 0
