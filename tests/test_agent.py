@@ -175,8 +175,8 @@ def test_what_a_command_leaves_running_does_not_hold_the_agent_s_port(agent):
     """In a VM the port opens only once every holder has closed it: a daemon a test started,
     holding it, would keep a restarted agent out for good (a kept VM's `kmodtest attach`
     then waits forever)."""
-    port = os.path.realpath(f"/proc/{agent.agent_pid}/fd/3")
     pid = int(agent.run("sleep 300 >/dev/null 2>&1 </dev/null & echo $!").stdout)
+    port = os.path.realpath(f"/proc/{agent.agent_pid}/fd/3")  # open: the agent has answered
     try:
         fds = Path(f"/proc/{pid}/fd")
         held = [os.path.realpath(fd) for fd in fds.iterdir()]
