@@ -318,7 +318,13 @@ def cmd_attach(args: argparse.Namespace) -> int:
     transport = UnixSocketTransport.connect(Path(vm.agent_socket), 10, lambda: vm.alive)
     channel = AgentChannel(transport, alive=lambda: vm.alive)
     try:
-        channel.run("true", timeout=30)
+        try:
+            channel.run("true", timeout=10)
+        except ChannelError as exc:
+            raise MachineError(
+                f"kept VM {vm.id}: its guest agent does not answer ({exc.problem})",
+                f"see its console log {vm.console_log}; kmodtest stop {vm.id} removes it",
+            ) from None
         err(f"attached to {vm.id} (left by {vm.test})")
         return shell_session(channel, Path(vm.qmp_socket), Path(vm.lab_dir),
                              Path(vm.console_log), vm_stays=True)  # fmt: skip
