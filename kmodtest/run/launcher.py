@@ -65,9 +65,10 @@ class QemuLauncher:
     """QEMU as a registered child process (see :mod:`kmodtest.run.qemu`)."""
 
     name = "qemu"
+    detachable = False  # VMs that may be kept running after the run (--keep-vm-on-failure)
 
     def __init__(self, detachable: bool = False) -> None:
-        self.detachable = detachable  # VMs that may be kept running after the run
+        self.detachable = detachable
 
     def check(self) -> None:
         """QEMU binaries are checked per cell (a missing one skips or fails that cell)."""
