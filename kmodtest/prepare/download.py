@@ -63,17 +63,19 @@ def fetch_verified(
     def build(out: Path) -> None:
         part = cache.root / "partial" / f"{key}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
+        # a download that stays short fails inside its step: no "✓ downloading" before the error
         with progress.step(f"downloading {remote.name}"):
             total = _download(remote, part, progress)
+            size = part.stat().st_size
+            if total is not None and size < total:
+                actual = file_sha256(part)
+                part.unlink()
+                raise DownloadError(
+                    f"{remote.name}: download truncated at {size} of {total} bytes from "
+                    f"{remote.url}\n  expected sha256 {remote.sha256}\n  actual sha256   {actual}",
+                    "retry; if it stays short, the server or a proxy cuts it: try --openwrt-mirror",
+                )
         actual = file_sha256(part)
-        size = part.stat().st_size
-        if total is not None and size < total:
-            part.unlink()
-            raise DownloadError(
-                f"{remote.name}: download truncated at {size} of {total} bytes from "
-                f"{remote.url}\n  expected sha256 {remote.sha256}\n  actual sha256   {actual}",
-                "retry; if it stays short, the server or a proxy cuts it: try --openwrt-mirror",
-            )
         if actual != remote.sha256:
             part.unlink()
             raise DownloadError(
