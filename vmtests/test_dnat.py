@@ -40,7 +40,9 @@ def _forward_port(nft: Nft, proto: str, family: int, service_port: int, server: 
 @pytest.mark.parametrize(
     ("proto", "family"), [("tcp", 4), ("udp", 6)], ids=["tcp-ipv4", "udp-ipv6"]
 )
-def test_port_forward_is_offloaded_and_rewrites_both_directions(router, host, nft, proto, family):
+def test_port_forward_is_offloaded_and_rewrites_both_directions(
+    router, host, endpoints, nft, proto, family
+):
     assert nft.apply(router_ruleset()).rc == 0
     topo = router.topology
     server = topo.server.address(family)
@@ -52,7 +54,7 @@ def test_port_forward_is_offloaded_and_rewrites_both_directions(router, host, nf
         _forward_port(nft, proto, family, service_port, server, port)
         before = sample_paths(nft, family)
         with traffic.open_flow(
-            host, topo, proto, family, direction, NBYTES,
+            endpoints, topo, proto, family, direction, NBYTES,
             server_ip=SERVICE[family], port=port, connect_port=service_port,
         ) as t:  # fmt: skip
             t.feed()

@@ -25,12 +25,12 @@ def _guest_uptime(host) -> float:
     return float(host.check_output("cat /proc/uptime").split()[0])
 
 
-def test_busy_flow_outlives_its_timeout_in_the_flowtable(router, host, nft):
+def test_busy_flow_outlives_its_timeout_in_the_flowtable(router, host, endpoints, nft):
     assert nft.apply(router_ruleset()).rc == 0
     sysctl = {"net.netfilter.nf_flowtable_tcp_timeout": FLOW_TIMEOUT}
     with (
         ct.sysctls(host, sysctl),
-        traffic.open_flow(host, router.topology, "tcp", 4, "up", FIRST + STEP * STEPS) as t,
+        traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", FIRST + STEP * STEPS) as t,
     ):
         t.feed(FIRST)
         t.wait_received()

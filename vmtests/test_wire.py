@@ -33,16 +33,17 @@ def _poll(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_fast_path_decrements_ttl_and_leaves_expiring_packets_to_the_classic_path(
-    router, host, nft, family
+    router, host, endpoints, nft, family
 ):
     assert nft.apply(router_ruleset()).rc == 0
     hop = wire.HOP_FIELD[family]
     total = NBYTES + EXPIRING * traffic.UDP_PAYLOAD
-    with traffic.open_flow(host, router.topology, "udp", family, "up", total) as t:
+    topo = router.topology
+    with traffic.open_flow(endpoints, topo, "udp", family, "up", total) as t:
         flow = f"udp dport {t.flow.port}"
         left = SENT_TTL - 1
         meter = {"decremented": f"{flow} {hop} {left}", "other": f"{flow} {hop} != {left}"}
-        with wire.ingress_meter(host, "server", "eth0", meter) as arrived:
+        with wire.ingress_meter(endpoints, topo.server.netns, topo.server.name, meter) as arrived:
             before = sample_paths(nft, family)
             t.feed(NBYTES)
             t.wait_received()
@@ -53,7 +54,7 @@ def test_fast_path_decrements_ttl_and_leaves_expiring_packets_to_the_classic_pat
             # the same flow, its packets now sent with TTL 1: none may reach the server
             received = t.received()
             expired_before = traffic.expired_in_transit(host, family)
-            with wire.rewrite_sent(host, "client", flow, f"{hop} set 1") as rewritten:
+            with wire.rewrite_sent(endpoints, topo.client.netns, flow, f"{hop} set 1") as rewritten:
                 t.feed(EXPIRING * traffic.UDP_PAYLOAD)
                 sent = _poll(rewritten, EXPIRING)
                 expired = _poll(
