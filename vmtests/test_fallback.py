@@ -108,7 +108,7 @@ def test_smaller_wan_mtu_sends_oversize_packets_to_slow_path(router, host, endpo
     assert result.intact, str(result)
 
 
-def test_masqueraded_packets_the_fast_path_refuses_still_leave_natted(router, host, nft):
+def test_masqueraded_packets_the_fast_path_refuses_still_leave_natted(router, host, endpoints, nft):
     """An offloaded, masqueraded upload whose packets the fast path hands back one by one: the
     client sends without DF over a WAN whose MTU is smaller, so every full-size packet is too
     big for the flow and takes the classic path (which fragments it), while the server's small
@@ -119,14 +119,16 @@ def test_masqueraded_packets_the_fast_path_refuses_still_leave_natted(router, ho
     assert nft.apply(router_ruleset(nat=True)).rc == 0
     topo = router.topology
     client_ip = topo.client.address(4)
-    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", topo.namespaces)
+    links.change(host, f"ip link set dev wan mtu {WAN_MTU}", router.namespaces)
     port = traffic.new_port()
     unnatted = {"from-client-address": f"ip saddr {client_ip}"}
     before = sample_paths(nft, 4)
     with (
-        wire.rewrite_sent(host, "client", f"tcp dport {port}", "ip frag-off set 0") as no_df,
-        wire.ingress_meter(host, "server", "eth0", unnatted) as at_server,
-        traffic.open_flow(host, topo, "tcp", 4, "up", NBYTES, port=port) as t,
+        wire.rewrite_sent(
+            endpoints, topo.client.netns, f"tcp dport {port}", "ip frag-off set 0"
+        ) as no_df,
+        wire.ingress_meter(endpoints, topo.server.netns, topo.server.name, unnatted) as at_server,
+        traffic.open_flow(endpoints, topo, "tcp", 4, "up", NBYTES, port=port) as t,
     ):
         t.feed()
         t.wait_received()
