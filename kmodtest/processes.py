@@ -5,6 +5,7 @@ Each child leads a process group of its own, and is always killed with that whol
 mmdebstrap (apt, dpkg) and make (gcc) spawn children that would outlive their parent.
 Three layers, so nothing outlives the test run:
 1. the kernel kills the child when its parent dies (``PR_SET_PDEATHSIG``), even on SIGKILL;
+   a parent that died before the death signal was set is caught by the child itself (below);
 2. an ``atexit`` hook kills whatever is still registered on a normal interpreter exit;
 3. SIGTERM/SIGHUP are turned into ``KeyboardInterrupt``, which pytest (unlike ``SystemExit``
    in a test) treats as "stop the session", unwinding its fixtures first.
@@ -12,7 +13,10 @@ Three layers, so nothing outlives the test run:
 No ``preexec_fn``: running Python between fork and exec can deadlock when other threads exist
 (pytest-xdist's execnet threads, rich's refresh thread). The group comes from
 ``process_group=0`` and the death signal from util-linux's ``setpriv --pdeathsig``, which sets it
-and execs the real program.
+and execs the real program through a one-line ``sh`` guard. Popen returns once setpriv has been
+exec'd, before its prctl: a parent killed right then would leave an orphan that no signal ever
+reaches. So after the prctl the guard compares its parent pid with ours and exits if we are
+already gone; if we die after the prctl, the death signal kills it.
 """
 
 from __future__ import annotations
@@ -39,14 +43,26 @@ _lock = threading.Lock()
 _signals_installed = False
 
 
+# runs after setpriv's prctl: "$1" is the pid of the process that spawned us
+_PARENT_GUARD = 'test "$PPID" = "$1" || exit 1; shift; exec "$@"'
+
+
 @functools.cache
-def _pdeathsig_prefix() -> tuple[str, ...]:
-    """``setpriv --pdeathsig KILL --`` if util-linux's setpriv is there (Debian: always)."""
+def _setpriv() -> str | None:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         log.debug("no setpriv: children die with us only through atexit")
-        return ()
-    return (setpriv, "--pdeathsig", "KILL", "--")
+    return setpriv
+
+
+def _dies_with_us(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind ``setpriv --pdeathsig KILL`` and the parent guard (setpriv is in
+    util-linux, so always there on Debian; without it, only the ``atexit`` hook)."""
+    setpriv = _setpriv()
+    if setpriv is None:
+        return [*argv]
+    guard = ["/bin/sh", "-c", _PARENT_GUARD, "kmodtest-spawn", str(os.getpid())]
+    return [setpriv, "--pdeathsig", "KILL", "--", *guard, *argv]
 
 
 def require_tool(
@@ -74,7 +90,7 @@ def spawn(argv: Sequence[str], detachable: bool = False, **kwargs: Any) -> subpr
     if detachable:
         proc = subprocess.Popen([*argv], start_new_session=True, **kwargs)
     else:
-        proc = subprocess.Popen([*_pdeathsig_prefix(), *argv], process_group=0, **kwargs)
+        proc = subprocess.Popen(_dies_with_us(argv), process_group=0, **kwargs)
     with _lock:
         _children.add(proc)
     return proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -127,3 +128,44 @@ def test_a_signal_during_a_held_cleanup_waits_until_it_is_done(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "cleanup finished"
     assert out.stdout.splitlines()[1].startswith("then: signal ")
+
+
+def _processes_with(token: str) -> list[int]:
+    """Pids of live processes whose command line contains ``token``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if token.encode() in cmdline and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def test_no_child_survives_a_parent_killed_before_its_death_signal_is_set():
+    """The worst moment: Popen returns once setpriv has been exec'd, before its prctl set the
+    death signal. A parent SIGKILLed right then must not leave an orphan (the child checks,
+    after the prctl, that its parent is still the one that started it)."""
+    token = f"kmodtest-orphan-probe-{os.getpid()}-{time.monotonic_ns()}"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, subprocess
+        from kmodtest import processes
+        processes.spawn(["sh", "-c", "sleep 300; : {token}"], stdin=subprocess.DEVNULL)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    try:
+        for _ in range(30):
+            subprocess.run([sys.executable, "-c", script], check=False)
+        deadline = time.monotonic() + 5
+        while _processes_with(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orphans = _processes_with(token)
+        assert not orphans, f"{len(orphans)} of 30 children outlived their SIGKILLed parent"
+    finally:
+        for pid in _processes_with(token):  # each leads its own group (ours: we started it)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
