@@ -3,12 +3,16 @@ bound its sockets until it is released."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kmodtest.errors import MachineError
 from kmodtest.run import rundirs
 
 
@@ -49,3 +53,55 @@ def test_releasing_one_kept_lab_keeps_the_root_of_another(own_run: Path) -> None
     assert second.is_dir()
     rundirs.release_lab_dir(second)
     assert not own_run.exists()
+
+
+def test_a_run_that_boots_nothing_makes_no_run_root(tmp_path: Path) -> None:
+    """pytest with kmodtest's plugin loaded, on a test that never asks for a VM: no run root
+    appears in the temp dir, not even while the run lasts (the first lab makes it)."""
+    project, scratch = tmp_path / "project", tmp_path / "tmp"
+    project.mkdir()
+    scratch.mkdir()
+    (project / "test_plain.py").write_text(
+        "import tempfile\n"
+        "from pathlib import Path\n\n"
+        "def test_plain(request):\n"
+        "    assert request.config.pluginmanager.has_plugin('kmodtest')\n"
+        "    assert list(Path(tempfile.gettempdir()).iterdir()) == []\n"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    env.pop(rundirs.RUN_ROOT_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(project)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert list(scratch.iterdir()) == []
+
+
+def test_the_first_lab_makes_the_root_a_worker_files_into(own_run: Path) -> None:
+    """The controller only names its root; a worker (same name from the environment) makes
+    it with its first lab and leaves it for the controller to remove."""
+    assert not own_run.exists()
+    rundirs._own_root = None  # now as an xdist worker of that controller
+    assert rundirs.start_run(worker=True) == own_run
+    lab = rundirs.new_lab_dir()
+    assert lab.parent == own_run and (own_run.stat().st_mode & 0o777) == 0o700
+    rundirs.end_run()  # the worker ends: not its root to remove
+    assert lab.is_dir()
+    rundirs._own_root = own_run  # the controller ends
+    rundirs.end_run()
+    assert not own_run.exists()
+
+
+def test_a_root_name_taken_by_someone_else_is_refused(own_run: Path, tmp_path: Path) -> None:
+    """The temp dir is shared: a symlink planted at the run root's name is never followed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    own_run.symlink_to(elsewhere)
+    with pytest.raises(MachineError, match="not a private directory of ours"):
+        rundirs.new_lab_dir()
+    assert list(elsewhere.iterdir()) == []
+    own_run.unlink()

@@ -221,7 +221,7 @@ def session_of(config: pytest.Config) -> KmodtestSession:
 
 def pytest_configure(config: pytest.Config) -> None:
     processes.install_signal_handlers()  # before any build or boot: an interrupt always stops
-    # before xdist starts its workers: they inherit the run root (see rundirs)
+    # before xdist starts its workers: they inherit the run root's name (made by the first lab)
     rundirs.start_run(worker=hasattr(config, "workerinput"))
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")

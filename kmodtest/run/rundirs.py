@@ -2,11 +2,13 @@
 
 A lab's run directory holds unix sockets (paths are limited to 107 bytes), so it lives
 directly under the temp dir. The process that starts the run (pytest's controller, the CLI)
-makes one run root and removes it whole when it ends; xdist workers put their labs into
-their controller's root (passed down in the environment). So a worker killed by its
-controller on SIGINT/SIGTERM, before it could remove its own lab directories, leaves nothing
-behind. The one exception is a lab kept for debugging (``--keep-vm-on-failure``): it stays,
-in its run root, until ``kmodtest stop`` releases it.
+names one run root and removes it whole when it ends; xdist workers put their labs into
+their controller's root (its name is passed down in the environment). So a worker killed by
+its controller on SIGINT/SIGTERM, before it could remove its own lab directories, leaves
+nothing behind. The root is created by the first lab (in whichever process): a run that
+boots no VM leaves no trace in the temp dir. The one exception to the removal is a lab kept
+for debugging (``--keep-vm-on-failure``): it stays, in its run root, until ``kmodtest stop``
+releases it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+
+from kmodtest.errors import MachineError
 
 RUN_ROOT_ENV = "KMODTEST_RUN_ROOT"
 KEPT_MARK = ".kept"  # in a lab directory: its VM outlives the run (keep_lab_dir)
@@ -24,17 +30,33 @@ _own_root: Path | None = None
 
 
 def start_run(worker: bool = False) -> Path:
-    """This process's run root: its controller's for an xdist ``worker``, else a new one,
-    which the environment hands to the workers it starts."""
+    """This process's run root, by name (made by the first lab): its controller's for an
+    xdist ``worker``, else a new one, which the environment hands to the workers it starts."""
     global _own_root
     inherited = os.environ.get(RUN_ROOT_ENV)
-    if worker and inherited and Path(inherited).is_dir():
+    if worker and inherited:
         return Path(inherited)
     if _own_root is None:
-        _own_root = Path(tempfile.mkdtemp(prefix="kt-"))
+        _own_root = Path(tempfile.gettempdir(), f"kt-{secrets.token_hex(4)}")
         os.environ[RUN_ROOT_ENV] = str(_own_root)
         atexit.register(end_run)  # the CLI, or a pytest that never reached unconfigure
     return _own_root
+
+
+def _made(root: Path) -> Path:
+    """``root``, created private (0700) unless it is already there as our own directory
+    (another worker of the run made it first). The temp dir is shared: a name someone else
+    took (a symlink, another user's directory) is refused, never used."""
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+        return root
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise MachineError(
+            f"run root {root} exists and is not a private directory of ours",
+            f"remove it, or unset {RUN_ROOT_ENV} so that a new one is named",
+        )
+    return root
 
 
 def end_run() -> None:
@@ -67,7 +89,7 @@ def _remove_unkept(root: Path) -> None:
 def new_lab_dir() -> Path:
     """A fresh, private (0700) directory for one lab's sockets, inside the run root."""
     # a process started by a run (a worker, the CLI under a test) files its labs under that run
-    return Path(tempfile.mkdtemp(prefix="", dir=_own_root or start_run(worker=True)))
+    return Path(tempfile.mkdtemp(prefix="", dir=_made(_own_root or start_run(worker=True))))
 
 
 def keep_lab_dir(lab_dir: Path) -> None:
