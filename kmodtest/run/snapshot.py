@@ -73,25 +73,50 @@ def save_state(spec: MachineSpec, path: Path, timeout: float = SAVE_TIMEOUT) -> 
                 monitor.send_fd_scm(state.fileno())
                 _cmd(monitor, spec, "getfd", fdname="snapshot")
                 _cmd(monitor, spec, "migrate", uri="fd:snapshot")
-                _wait_migration(monitor, spec, timeout)
+                # query-migrate passes setup, active, device, cancelling...; two statuses end it
+                _await_status(
+                    monitor,
+                    spec,
+                    "query-migrate",
+                    "completed",
+                    failed=lambda status: status in ("failed", "cancelled"),
+                    doing="saving its state",
+                    timeout=timeout,
+                    interval=0.02,
+                )
         finally:
             _cmd(monitor, spec, "cont")
     finally:
         monitor.close()
 
 
-def _wait_migration(monitor: QEMUMonitorProtocol, spec: MachineSpec, timeout: float) -> None:
+def _await_status(
+    monitor: QEMUMonitorProtocol,
+    spec: MachineSpec,
+    query: str,
+    done: str,
+    *,
+    failed: Callable[[str | None], bool],
+    doing: str,
+    timeout: float,
+    interval: float,
+) -> None:
+    """Ask QMP ``query`` every ``interval`` s until its reply's status is ``done``; a status
+    ``failed`` accepts ends it with QEMU's own error text (``error-desc``) when it gave one."""
     deadline = time.monotonic() + timeout
     while True:
-        info = _cmd(monitor, spec, "query-migrate")
+        info = _cmd(monitor, spec, query)
         status = info.get("status") if isinstance(info, dict) else None
-        if status == "completed":
+        if status == done:
             return
-        if status in ("failed", "cancelled"):
-            raise MachineError(f"{spec.name}: saving its state failed: {info.get('error-desc')}")
+        if failed(status):
+            desc = info.get("error-desc") if isinstance(info, dict) else None
+            raise MachineError(
+                f"{spec.name}: {doing} ended in state {status!r}" + (f": {desc}" if desc else "")
+            )
         if time.monotonic() > deadline:
-            raise MachineError(f"{spec.name}: saving its state took over {timeout:.0f} s")
-        time.sleep(0.02)
+            raise MachineError(f"{spec.name}: {doing} took over {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def resume_restored(
@@ -100,17 +125,17 @@ def resume_restored(
     """Wait until a QEMU started with ``-S -incoming`` has loaded its state, then run it."""
     monitor = _monitor(spec, alive)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = _cmd(monitor, spec, "query-status")
-            state = status.get("status") if isinstance(status, dict) else None
-            if state == "paused":
-                break
-            if state not in ("inmigrate", "prelaunch"):
-                raise MachineError(f"{spec.name}: restoring its state ended in state {state!r}")
-            if time.monotonic() > deadline:
-                raise MachineError(f"{spec.name}: loading its state took over {timeout:.0f} s")
-            time.sleep(0.005)
+        # query-status while loading: inmigrate (prelaunch before it starts); paused once loaded
+        _await_status(
+            monitor,
+            spec,
+            "query-status",
+            "paused",
+            failed=lambda status: status not in ("inmigrate", "prelaunch"),
+            doing="restoring its state",
+            timeout=timeout,
+            interval=0.005,
+        )
         _cmd(monitor, spec, "cont")
     finally:
         monitor.close()
