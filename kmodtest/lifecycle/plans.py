@@ -52,6 +52,11 @@ class LabPlan:
 
 def debian_router(case: VmCase, images: Images) -> LabPlan:
     """The default lab: a Debian router with the client and server namespaces, in one VM."""
+    if images.two_vm and case.nic == PASSTHROUGH_NIC:  # before an image build, not after
+        raise ConfigError(
+            f"{case.cell.id}: passthrough NICs are for one-VM labs, not --topology two-vm",
+            "run the passthrough cases with --topology one-vm (the default)",
+        )
     image = images.image(case.cell)
     ports = case.cell.spec.passthrough.by_port() if case.cell.spec.passthrough else {}
     if case.nic == PASSTHROUGH_NIC and ports:
@@ -62,8 +67,6 @@ def debian_router(case: VmCase, images: Images) -> LabPlan:
     if not images.two_vm:
         router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.nics)
         return LabPlan((router,), OneVmNetwork(topology))
-    if case.nic == PASSTHROUGH_NIC:
-        raise ConfigError(f"{case.cell.id}: passthrough NICs are for one-VM labs (--topology)")
     router = NodePlan(ROUTER, case.cell, image, DirectBoot(), topology.router_nics)
     return LabPlan((router, _endpoints_node(case, images, topology)), TwoVmNetwork(topology))
 
@@ -85,7 +88,10 @@ def openwrt_router(case: VmCase, images: Images) -> LabPlan:
     agent started from its console; the client and server in an endpoints VM (the matrix
     default cell's Debian image), since stock OpenWrt has no network namespaces."""
     if case.nic == PASSTHROUGH_NIC:
-        raise ConfigError(f"{case.cell.id}: passthrough NICs are for Debian routers only")
+        raise ConfigError(
+            f"{case.cell.id}: passthrough NICs are for Debian routers only",
+            "run the passthrough cases on a Debian cell (`kmodtest cells` lists them)",
+        )
     image = images.openwrt_image(case.cell)
     topology = Topology(case.nic)
     boot = OpenWrtBoot(image.packages, images.openwrt_packages)
