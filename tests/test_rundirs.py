@@ -105,3 +105,35 @@ def test_a_root_name_taken_by_someone_else_is_refused(own_run: Path, tmp_path: P
         rundirs.new_lab_dir()
     assert list(elsewhere.iterdir()) == []
     own_run.unlink()
+
+
+def test_xdist_workers_make_their_labs_in_the_controllers_root(tmp_path: Path) -> None:
+    """``-n 2``: the first worker to need a lab makes the root the controller named, the other
+    files into it too, and the controller removes it at the end (a root per worker would be
+    left behind by a worker its controller kills)."""
+    project, scratch, seen = tmp_path / "project", tmp_path / "tmp", tmp_path / "seen"
+    for directory in (project, scratch, seen):
+        directory.mkdir()
+    (project / "test_labs.py").write_text(
+        "import os, pytest\n"
+        "from pathlib import Path\n"
+        "from kmodtest.run import rundirs\n\n"
+        "@pytest.mark.parametrize('n', range(4))\n"
+        "def test_lab(n):\n"
+        "    lab = rundirs.new_lab_dir()\n"
+        "    worker = os.environ['PYTEST_XDIST_WORKER']\n"
+        "    (Path(os.environ['SEEN']) / f'{worker}-{n}').write_text(str(lab))\n"
+    )
+    env = {**os.environ, "TMPDIR": str(scratch), "SEEN": str(seen)}
+    env.pop(rundirs.RUN_ROOT_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "-p",
+         "no:randomly", str(project)],
+        cwd=project, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    labs = [Path(p.read_text()) for p in seen.iterdir()]
+    assert len(labs) == 4 and len({p.name.split("-")[0] for p in seen.iterdir()}) == 2
+    assert {lab.parent for lab in labs} == {scratch / labs[0].parent.name}
+    assert labs[0].parent.name.startswith("kt-")
+    assert list(scratch.glob("kt-*")) == []  # (xdist leaves pytest's own basetemp there)
