@@ -1,10 +1,12 @@
-"""Under ``-n N`` every test of a VM case must land in one scope, so one worker boots it."""
+"""Under ``-n N`` the work unit is a module on one VM case, handed out in the run's order."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from kmodtest.face.scheduling import case_of
+from kmodtest.face.scheduling import case_of, make_scheduler, work_unit_of
 from kmodtest.prepare.cells import load_matrix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,3 +60,62 @@ def test_every_cell_is_told_apart():
 def test_tests_without_a_vm_have_no_case():
     assert case_of("tests/test_cells.py::test_select", cells(), None) is None
     assert case_of("tests/test_x.py::test_p[1-2]", cells(), None) is None
+
+
+def test_a_work_unit_is_one_module_on_one_case():
+    all_cells = cells()
+    mod = "vmtests/test_offload.py::test_flow_is_offloaded_and_payload_intact"
+    unit = work_unit_of(f"{mod}[debian-trixie-amd64-e1000-tcp-ipv4-routed]", all_cells, None)
+    assert unit == "debian-trixie-amd64-e1000::vmtests/test_offload.py"
+    assert (
+        work_unit_of(f"{mod}[debian-trixie-amd64-e1000-udp-ipv6-masquerade]", all_cells, None)
+        == unit
+    )
+    other = "vmtests/test_fallback.py::test_y[debian-trixie-amd64-e1000]"
+    assert work_unit_of(other, all_cells, None) != unit
+    assert (
+        work_unit_of("tests/test_cells.py::test_select", all_cells, None) == "tests/test_cells.py"
+    )
+
+
+@dataclass(eq=False)
+class FakeWorker:
+    """What LoadScopeScheduling asks of an xdist worker."""
+
+    name: str
+    got: list[int] = field(default_factory=list)
+    shutting_down: bool = False
+
+    @property
+    def gateway(self) -> SimpleNamespace:
+        return SimpleNamespace(id=self.name)
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.got.extend(indices)
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+def test_units_are_handed_out_in_the_runs_order_not_biggest_first():
+    """xdist's loadscope reorder would start with the biggest unit, mixing the cases (a VM
+    restore at each switch); the run's order keeps a worker on one case until it is done."""
+    all_cells = cells()
+    small = [f"vmtests/test_a.py::t[debian-trixie-amd64-e1000-{i}]" for i in range(3)]
+    big = [f"vmtests/test_b.py::t[debian-trixie-amd64-e1000-{i}]" for i in range(6)]
+    other_case = [f"vmtests/test_a.py::t[debian-trixie-amd64-e1000e-{i}]" for i in range(9)]
+    collection = small + big + other_case
+    tx = ["popen", "popen"]
+    config = SimpleNamespace(
+        getvalue=lambda name: tx if name == "tx" else None,
+        option=SimpleNamespace(loadscopereorder=True),
+    )
+    scheduler = make_scheduler(config, None, all_cells, None)
+    workers = [FakeWorker("gw0"), FakeWorker("gw1")]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+    first = [[collection[i] for i in w.got] for w in workers]
+    assert first == [small, big], "the first units are not the run's first two, in order"
+    assert config.option.loadscopereorder is True, "the user's option was not given back"

@@ -1,9 +1,15 @@
-"""Under ``pytest -n N``: every test of one VM case (cell + NIC model) goes to one worker.
+"""Under ``pytest -n N``: the work unit is one test module on one VM case (cell + NIC model),
+handed out in the run's order, so the workers go through a case's modules side by side.
 
-A worker then boots each kernel once and reuses the VM, as a serial run does. This is an
-xdist scheduler (``pytest_xdist_make_scheduler``) rather than ``xdist_group`` marks: with
-pytest 9 the marks no longer reach the node ids xdist groups by (it rewrites ``item._nodeid``,
-which pytest 9 no longer reads), so ``--dist loadgroup`` silently spreads a case over workers.
+Each worker runs its own VM of the case: a restore of the case's saved state (about 0.5 s to
+ready; the first of a run builds it, the other waits for it), where one worker per case used to
+leave a core idle whenever fewer cases than workers were left (3 NIC models on 2 cores: the last
+case ran alone). The order is kept (xdist's ``--loadscope-reorder`` would hand out the biggest
+units first, mixing cases: a restore at every switch), so a worker changes case about once per
+case. Tests keep their order within a module. This is an xdist scheduler
+(``pytest_xdist_make_scheduler``) rather than ``xdist_group`` marks: with pytest 9 the marks no
+longer reach the node ids xdist groups by (it rewrites ``item._nodeid``, which pytest 9 no
+longer reads).
 """
 
 from __future__ import annotations
@@ -36,12 +42,27 @@ def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> s
     return None
 
 
+def work_unit_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> str:
+    """``<case>::<module>`` of a VM test; the module of a test without a VM."""
+    module = nodeid.split("::", 1)[0]
+    case = case_of(nodeid, cells, nics)
+    return f"{case}::{module}" if case else module
+
+
 def make_scheduler(config: Any, log: Any, cells: Sequence[Cell], nics: Sequence[str] | None):
-    """A LoadScopeScheduling whose scope is the VM case (the module, for tests without one)."""
+    """A LoadScopeScheduling whose scope is a module on a VM case, in the run's order."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class CaseScheduling(LoadScopeScheduling):
+    class CaseModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return case_of(nodeid, cells, nics) or nodeid.split("::", 1)[0]
+            return work_unit_of(nodeid, cells, nics)
 
-    return CaseScheduling(config, log)
+        def schedule(self) -> None:
+            reorder = self.config.option.loadscopereorder
+            self.config.option.loadscopereorder = False  # see the module's docstring
+            try:
+                super().schedule()
+            finally:
+                self.config.option.loadscopereorder = reorder
+
+    return CaseModuleScheduling(config, log)
