@@ -76,6 +76,8 @@ def test_a_work_unit_is_one_module_on_one_case():
     assert (
         work_unit_of("tests/test_cells.py::test_select", all_cells, None) == "tests/test_cells.py"
     )
+    # VMs that boot cold (no saved states, a module change): the whole case is one unit
+    assert work_unit_of(other, all_cells, None, split_cases=False) == "debian-trixie-amd64-e1000"
 
 
 @dataclass(eq=False)

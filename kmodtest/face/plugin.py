@@ -252,11 +252,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under ``-n N`` (xdist's default ``load``, or ``loadgroup``): one worker per VM case."""
+    """Under ``-n N`` (xdist's default ``load``, or ``loadgroup``): a module of a VM case per
+    worker at a time; a whole case when its VMs boot cold (see ``scheduling``)."""
     session = config.stash.get(SESSION_KEY, None)
     if session is None or config.option.dist not in ("load", "loadgroup"):
         return None
-    return make_scheduler(config, log, session.cells, wanted_nics(config.getoption("nic")))
+    restored = session.pool.snapshots is not None
+    nics = wanted_nics(config.getoption("nic"))
+    return make_scheduler(config, log, session.cells, nics, split_cases=restored)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -42,20 +42,34 @@ def case_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> s
     return None
 
 
-def work_unit_of(nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None) -> str:
-    """``<case>::<module>`` of a VM test; the module of a test without a VM."""
+def work_unit_of(
+    nodeid: str, cells: Sequence[Cell], nics: Sequence[str] | None, split_cases: bool = True
+) -> str:
+    """``<case>::<module>`` of a VM test (``<case>`` alone unless ``split_cases``); the
+    module of a test without a VM."""
     module = nodeid.split("::", 1)[0]
     case = case_of(nodeid, cells, nics)
-    return f"{case}::{module}" if case else module
+    if not case:
+        return module
+    return f"{case}::{module}" if split_cases else case
 
 
-def make_scheduler(config: Any, log: Any, cells: Sequence[Cell], nics: Sequence[str] | None):
-    """A LoadScopeScheduling whose scope is a module on a VM case, in the run's order."""
+def make_scheduler(
+    config: Any,
+    log: Any,
+    cells: Sequence[Cell],
+    nics: Sequence[str] | None,
+    split_cases: bool = True,
+):
+    """A LoadScopeScheduling whose scope is a module on a VM case, in the run's order.
+
+    ``split_cases=False`` (VMs boot cold: no saved states, or a module change whose image is
+    new) keeps each case on one worker: a second worker would pay a whole boot for it."""
     from xdist.scheduler import LoadScopeScheduling
 
     class CaseModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return work_unit_of(nodeid, cells, nics)
+            return work_unit_of(nodeid, cells, nics, split_cases)
 
         def schedule(self) -> None:
             reorder = self.config.option.loadscopereorder
