@@ -6,6 +6,15 @@ true`` (virtme-ng, the tool kernel developers use). Alternating them round by ro
 C ...) spreads the machine's load over all three; the table gives medians and the ratios to
 virtme-ng's. Ours is timed from QEMU's start to the agent's first answer; virtme-ng's is the
 whole command (it runs ``true`` and powers off), measured the way a user waits for it.
+
+virtme-ng is given the cell's kernel package as a host that installed it has it
+(``boot/vmlinuz-<release>`` beside ``lib/modules/<release>``, see ``prepare/kernelpackage``):
+the same kernel file as the image's, with the modules it needs to mount its 9p root (Debian
+builds 9p and 9pnet_virtio as modules). Given the image's kernel file alone, vng finds no modules,
+boots without an initramfs, and the kernel panics at mounting root: vng exits with 255. Its
+guest init also needs the host's ``systemd-udevd`` (the ``udev`` package): it runs it to name
+the virtio-serial ports that carry the command's output and exit code; without it the command
+runs, but vng exits with 255 all the same.
 """
 
 from __future__ import annotations
@@ -24,23 +33,51 @@ from rich.console import Console
 from rich.table import Table
 
 from kmodtest import processes
+from kmodtest.arches import host_arch
+from kmodtest.errors import KmodtestError
 from kmodtest.face.options import Settings
 from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.images import Images
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.lifecycle.snapshots import Snapshots
-from kmodtest.prepare.cells import Cell
-from kmodtest.prepare.images import ImageBuilder
+from kmodtest.prepare.cells import Cell, DebianSource
+from kmodtest.prepare.images import Image, ImageBuilder
+from kmodtest.prepare.kernelpackage import get_kernel_package
+from kmodtest.prepare.overlay import kernel_packages
 from kmodtest.run.accel import choose_accel
 
 console = Console()
 VNG_TIMEOUT = 300.0
+# where virtme-ng's guest init looks for udevd on the host's root (see the docstring)
+UDEVD = (Path("/lib/systemd/systemd-udevd"), Path("/usr/lib/systemd/systemd-udevd"))
 
 
 def find_vng() -> str | None:
     """virtme-ng's ``vng``: next to this Python first (a venv), then on PATH."""
     local = Path(sys.executable).parent / "vng"
     return str(local) if local.exists() else shutil.which("vng")
+
+
+def vng_kernel(cell: Cell, image: Image, builder: ImageBuilder) -> Path:
+    """The image's kernel inside its installed package tree (modules beside it), for vng.
+
+    Raises VngFailed, saying why, for a cell vng cannot be given the same kernel on."""
+    if not isinstance(cell.spec.source, DebianSource):
+        raise VngFailed("compared on Debian cells only (it needs the kernel's package)")
+    if cell.arch != host_arch():
+        raise VngFailed(f"compared on the host's arch only, not {cell.arch.name}")
+    if not any(path.exists() for path in UDEVD):
+        raise VngFailed(
+            f"its guest init needs the host's systemd-udevd ({UDEVD[0]}) to find the ports "
+            "that carry the command's exit code, or vng exits with 255; fix: install udev"
+        )
+    try:
+        kernel = get_kernel_package(builder.cache, kernel_packages(cell, image), builder.progress)
+    except KmodtestError as exc:
+        raise VngFailed(f"no kernel package tree: {exc}") from exc
+    if kernel.read_bytes() != image.kernel.read_bytes():
+        raise VngFailed(f"{kernel} is not the image's kernel file {image.kernel}")
+    return kernel
 
 
 def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
@@ -91,6 +128,11 @@ def _bench_cell(
                       snapshots=Snapshots(builder.cache))  # fmt: skip
     vng = find_vng()
     vng_failed = ""
+    if vng is not None:
+        try:
+            kernel = vng_kernel(cell, image, builder)
+        except VngFailed as exc:
+            vng_failed = str(exc)
     times: dict[str, list[float]] = {"cold": [], "cold ready": [], "restored": [],
                                      "restored ready": [], "vng": []}  # fmt: skip
     try:
@@ -102,7 +144,7 @@ def _bench_cell(
                 times[f"{name} ready"].append(ready)
             if vng is not None and not vng_failed:
                 try:
-                    times["vng"].append(_vng_seconds(vng, image.kernel, logs / "vng.log"))
+                    times["vng"].append(_vng_seconds(vng, kernel, logs / "vng.log"))
                 except VngFailed as exc:
                     vng_failed = str(exc)
     finally:
