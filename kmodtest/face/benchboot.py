@@ -1,11 +1,12 @@
 """``kmodtest bench-boot``: boot to first command, cold and restored, next to virtme-ng's.
 
 Each round runs, one after another on the same kernel image: a cold boot of the case (no saved
-state), a restore of its saved state, and ``vng --run <kernel> --disable-kvm --force-9p --
-true`` (virtme-ng, the tool kernel developers use). Alternating them round by round (A B C A B
-C ...) spreads the machine's load over all three; the table gives medians and the ratios to
-virtme-ng's. Ours is timed from QEMU's start to the agent's first answer; virtme-ng's is the
-whole command (it runs ``true`` and powers off), measured the way a user waits for it.
+state), a restore of its saved state, and ``vng --run <kernel> --disable-kvm --force-9p --cpus
+1 -- true`` (virtme-ng, the tool kernel developers use; one emulated CPU, like ours).
+Alternating them round by round (A B C A B C ...) spreads the machine's load over all three;
+the table gives medians and the ratios to virtme-ng's. Ours is timed from QEMU's start to the
+agent's first answer; virtme-ng's is the whole command (it runs ``true`` and powers off),
+measured the way a user waits for it.
 
 virtme-ng is given the cell's kernel package as a host that installed it has it
 (``boot/vmlinuz-<release>`` beside ``lib/modules/<release>``, see ``prepare/kernelpackage``):
@@ -48,6 +49,10 @@ from kmodtest.run.accel import choose_accel
 
 console = Console()
 VNG_TIMEOUT = 300.0
+VNG_ARGS = ("--run",)
+# one emulated CPU, as our VMs have (vng's default is one per host core): like for like, and
+# within the one VM slot of a bench run
+VNG_OPTIONS = ("--disable-kvm", "--force-9p", "--cpus", "1")
 # where virtme-ng's guest init looks for udevd on the host's root (see the docstring)
 UDEVD = (Path("/lib/systemd/systemd-udevd"), Path("/usr/lib/systemd/systemd-udevd"))
 
@@ -86,7 +91,7 @@ def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
     start = time.perf_counter()
     with open(log, "ab") as out:
         proc = processes.spawn(
-            [vng, "--run", str(kernel), "--disable-kvm", "--force-9p", "--", "true"],
+            [vng, *VNG_ARGS, str(kernel), *VNG_OPTIONS, "--", "true"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         try:
@@ -170,7 +175,7 @@ def _bench_cell(
     if vng_failed:
         table.add_row(cell.id, "virtme-ng", "failed", "", "", vng_failed)
     elif times["vng"]:
-        row("virtme-ng: vng --run KERNEL --disable-kvm --force-9p -- true", "vng")
+        row(f"virtme-ng: vng --run KERNEL {' '.join(VNG_OPTIONS)} -- true", "vng")
     else:
         table.add_row(cell.id, "virtme-ng", "not installed", "", "",
                       "pip install virtme-ng (into this venv) for the comparison")  # fmt: skip
