@@ -17,11 +17,7 @@ from kmodtest.prepare.openwrt import OpenWrtImage
 
 pytestmark = pytest.mark.per_nic
 
-# Bytes a way, sized by the 1/20 criterion's measured margin (README, "Traffic sizes"): a TCP
-# flow's classic-path share is its handshake (3 packets on every kernel), so 500 kB (~370
-# frames at the router) passes with ~6x to spare; a UDP flow's first burst sometimes goes
-# classic for up to 18 packets before the flow is in the table, so UDP keeps 2 MB (4x).
-NBYTES = {"tcp": 500_000, "udp": 2_000_000}
+NBYTES = 2_000_000  # ~1400 full-size segments a way: the 1/20 criterion is unambiguous
 
 
 @pytest.mark.parametrize("nat", [False, True], ids=["routed", "masquerade"])
@@ -39,7 +35,7 @@ def test_flow_is_offloaded_and_payload_intact(router, host, endpoints, nft, prot
 
     for direction in ("up", "down"):
         before = sample_paths(nft, family)
-        with traffic.open_flow(endpoints, topo, proto, family, direction, NBYTES[proto]) as t:
+        with traffic.open_flow(endpoints, topo, proto, family, direction, NBYTES) as t:
             t.feed()
             t.wait_received()
             during = sample_paths(nft, family) - before
@@ -56,7 +52,7 @@ def test_flow_is_offloaded_and_payload_intact(router, host, endpoints, nft, prot
             )
         assert not proc.hw_offloaded, f"[HW_OFFLOAD] on an emulated NIC: {report}"
         assert (proc.orig.src, proc.reply.dst) == (client_ip, reply_dst), report
-        assert during.mostly_offloaded(NBYTES[proto]), (
+        assert during.mostly_offloaded(NBYTES), (
             f"classic path carried too much: {report}{ct.state_report(host)}"
         )
         assert result.intact, f"{result}\n{report}"

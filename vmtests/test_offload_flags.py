@@ -24,9 +24,7 @@ from kmodtest.prepare.openwrt import OpenWrtImage
 
 pytestmark = pytest.mark.per_nic
 
-# TCP only: the classic path takes the handshake (3 packets, 112 B of conntrack counters), so
-# 500 kB keeps ~6x over the 1/20 criterion (README, "Traffic sizes"); headers add ~4%
-NBYTES = 500_000
+NBYTES = 2_000_000
 EOPNOTSUPP = "Operation not supported"
 # guest drivers that bind flowtables in hardware (ndo_setup_tc TC_SETUP_FT)
 HW_OFFLOAD_DRIVERS = {"mlx5_core", "mtk_eth_soc"}
