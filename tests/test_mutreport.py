@@ -116,6 +116,30 @@ def test_reviewed_equivalent_leaves_the_score_and_names_why(tmp_path):
     assert other.score() == pytest.approx(3 / 5)
 
 
+def test_untestable_survivor_stays_in_the_score_and_junit_with_its_reason(tmp_path):
+    listed = tmp_path / "equivalents.yaml"
+    listed.write_text(
+        "untestable:\n"
+        "  - file: nf_flow_table_ip.c\n"
+        "    function: nf_flow_offload_ip_hook\n"
+        "    operator: drop-call\n"
+        "    original: 'x++;'\n"
+        "    replacement: ';'\n"
+        "    kernels: ['6.1']\n"
+        "    why: needs a PPPoE server the image does not have\n"
+    )
+    report = _report()
+    apply_equivalents(report, load_equivalents(listed))
+    e = next(m for m in report.mutants if m.id == "e")
+    assert e.status == "survived" and "PPPoE server" in e.triage and not e.why_equivalent
+    assert report.score() == pytest.approx(3 / 5)  # still a survivor
+    write_junit([report], tmp_path / "junit.xml")
+    failures = {
+        c.get("name"): c.find("failure") for c in ET.parse(tmp_path / "junit.xml").iter("testcase")
+    }
+    assert failures["e"] is not None and "PPPoE server" in (failures["e"].text or "")
+
+
 def test_equivalents_file_with_a_typo_names_file_and_line(tmp_path):
     listed = tmp_path / "equivalents.yaml"
     listed.write_text("equivalents:\n  - file: x.c\n    functon: f\n")

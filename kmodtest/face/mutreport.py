@@ -6,6 +6,9 @@ PIT and Stryker do), ``survived`` (the whole suite passed), ``equivalent`` (a su
 the reviewed list ``mutation/equivalents.yaml`` shows cannot change behaviour), and the
 discarded ones: ``same-code`` (the modules' object code did not change) and ``no-compile``.
 Score = detected / (detected + survived); equivalent and discarded mutants are not in it.
+A survivor the same file lists under ``untestable`` (it changes behaviour, but on a setup this
+suite cannot build, e.g. PPPoE without a PPPoE server in the image) stays a survivor, in the
+score and in the JUnit failures, and carries the reviewed reason (``triage``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class MutantResult:
     suite_seconds: float = 0.0
     boot_seconds: float = 0.0
     why_equivalent: str = ""
+    triage: str = ""  # a survivor's reviewed reason why no test here kills it (untestable)
     original: str = ""
     replacement: str = ""
 
@@ -93,8 +97,12 @@ class Equivalent(BaseModel):
 
 
 class EquivalentList(BaseModel):
+    """The reviewed survivors: ``equivalents`` leave the score; ``untestable`` ones (same
+    fields; ``why`` names what this suite's images or NICs lack) stay in it, explained."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     equivalents: tuple[Equivalent, ...] = ()
+    untestable: tuple[Equivalent, ...] = ()
 
 
 def load_equivalents(path: Path) -> EquivalentList:
@@ -103,20 +111,29 @@ def load_equivalents(path: Path) -> EquivalentList:
     return load_model(path, EquivalentList, "see the schema in kmodtest/face/mutreport.py")
 
 
+def _reviewed(m: MutantResult, entries: tuple[Equivalent, ...], series: str) -> str | None:
+    """The reason of the entry that matches ``m`` (by text, not line), if one does."""
+    for e in entries:
+        if (Path(m.file).name, m.function, m.operator, m.original, m.replacement) == (
+            e.file,
+            e.function,
+            e.operator,
+            e.original,
+            e.replacement,
+        ) and series in e.kernels:
+            return e.why.strip()
+    return None
+
+
 def apply_equivalents(report: CellReport, reviewed: EquivalentList) -> None:
-    """Mark the survivors the reviewed list explains; the list matches by text, not line."""
+    """Mark the survivors the reviewed list explains: equivalent ones leave the score,
+    untestable ones stay survivors with their reason."""
     series = ".".join(report.kernel.split(".")[:2])
     for m in report.survivors():
-        for e in reviewed.equivalents:
-            if (Path(m.file).name, m.function, m.operator, m.original, m.replacement) == (
-                e.file,
-                e.function,
-                e.operator,
-                e.original,
-                e.replacement,
-            ) and series in e.kernels:
-                m.status, m.why_equivalent = "equivalent", e.why.strip()
-                break
+        if (why := _reviewed(m, reviewed.equivalents, series)) is not None:
+            m.status, m.why_equivalent = "equivalent", why
+        elif (why := _reviewed(m, reviewed.untestable, series)) is not None:
+            m.triage = why
 
 
 def _pct(score: float | None) -> str:
@@ -144,13 +161,16 @@ def print_report(reports: list[CellReport], console: Console) -> None:
                   "survived": "red", "equivalent": "blue"}  # fmt: skip
         for m in ran:
             why = m.why_equivalent if m.status == "equivalent" else _short(m.killer)
+            if m.triage:
+                why = f"untestable here: {m.triage}"
             if m.status == "crashed":
                 why += f"\n{m.message.splitlines()[0] if m.message else ''}"
             detail.add_row(m.id, escape(m.description), f"[{colors.get(m.status, 'white')}]"
                            f"{m.status}[/]", escape(why))  # fmt: skip
         console.print(detail)
         for m in r.survivors():
-            console.print(f"[red]survived[/] {m.id} ({m.patch})", highlight=False)
+            triaged = " (triaged: untestable here)" if m.triage else ""
+            console.print(f"[red]survived[/] {m.id}{triaged} ({m.patch})", highlight=False)
             console.print(escape(m.diff), highlight=False)
 
 
@@ -189,7 +209,7 @@ def write_junit(reports: list[CellReport], path: Path) -> None:
             if m.status == "survived":
                 counts["failures"] += 1
                 failure = ET.SubElement(case, "failure", message=f"survived: {m.description}")
-                failure.text = m.diff
+                failure.text = f"untestable here: {m.triage}\n{m.diff}" if m.triage else m.diff
             elif m.status in DISCARDED or m.status == "equivalent":
                 counts["skipped"] += 1
                 reason = m.why_equivalent or m.status
