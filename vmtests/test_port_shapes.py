@@ -1,5 +1,7 @@
 """Offload through the port shapes OpenWrt uses (kmodtest/guest/portshapes.py): a bridged LAN,
-the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), and a WAN in a VLAN. The flowtable
+the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), a WAN in a VLAN, and that VLAN in
+an 802.1ad service VLAN (QinQ: the flowtable pops the outer tag from the packet's metadata and
+the inner one from its data). The flowtable
 stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their packets
 tagged, untagged and delivered to the right bridge port as the classic path would, intact.
 
@@ -72,4 +74,10 @@ def test_bridged_lan_port_is_offloaded(router, host, nft, family, vlan_filtering
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_wan_in_a_vlan_is_offloaded(router, host, nft, family):
     with portshapes.wan_vlan(host, router.topology) as vlan:
+        _offloaded_download(router, host, nft, family, server_ip=vlan.address(family))
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_wan_in_qinq_is_offloaded(router, host, nft, family):
+    with portshapes.wan_vlan(host, router.topology, portshapes.SERVICE_VLAN) as vlan:
         _offloaded_download(router, host, nft, family, server_ip=vlan.address(family))

@@ -1,7 +1,9 @@
 """What the fast path puts on the wire, read at the far end: like any router, it leaves the
 TTL (IPv4) or hop limit (IPv6) one lower, and a packet whose TTL runs out at the router is not
 forwarded at all: the flowtable leaves it to the classic path, which drops it, counts it and
-answers ICMP time exceeded (traceroute through an offloaded flow depends on that).
+answers ICMP time exceeded (traceroute through an offloaded flow depends on that). IPv4
+fragments are not for the fast path either (only the first one carries the ports): the
+classic path reassembles them, and the datagram must arrive whole.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from kmodtest.guest import conntrack as ct
-from kmodtest.guest import traffic, wire
+from kmodtest.guest import links, traffic, wire
 from kmodtest.guest.rulesets import router_ruleset, sample_paths
 
 pytestmark = pytest.mark.per_nic
@@ -78,4 +80,59 @@ def test_fast_path_decrements_ttl_and_leaves_expiring_packets_to_the_classic_pat
     assert late["other"] == 0 and received_late == 0, (
         f"{late['other']} packets with {hop} other than {SENT_TTL - 1} reached the server, "
         f"{received_late} B of the expiring datagrams were received: {report}"
+    )
+
+
+FRAG_MTU = 1000  # the client's link MTU while it fragments: a 1428-byte datagram -> 2 fragments
+FRAGMENTED = 100  # datagrams the client sends fragmented down the offloaded flow
+
+
+def test_fragments_of_an_offloaded_flow_are_reassembled_by_the_classic_path(
+    router, host, endpoints, nft
+):
+    """An offloaded UDP upload whose sender's link MTU then drops: the same socket, the same
+    5-tuple, now sends each datagram as two IPv4 fragments. Only the first fragment carries
+    the UDP ports, so the flowtable must leave every fragment to the classic path, which
+    reassembles the datagram (conntrack's defragmentation), forwards it and fragments it again
+    for the wire. A fast path that took the first fragment would send it on alone, while the
+    rest waits in reassembly for a first fragment that never comes: the datagram is lost."""
+    assert nft.apply(router_ruleset()).rc == 0
+    topo = router.topology
+    client = topo.client
+    fragmented = FRAGMENTED * traffic.UDP_PAYLOAD
+    lost = ""
+    with traffic.open_flow(endpoints, topo, "udp", 4, "up", NBYTES + fragmented) as t:
+        before = sample_paths(nft, 4)
+        t.feed(NBYTES)
+        t.wait_received()
+        during = sample_paths(nft, 4) - before
+        entry = ct.the_entry(ct.proc_entries(host), "udp", t.flow.port)
+
+        links.change(
+            endpoints,
+            f"ip -n {client.netns} link set dev {client.name} mtu {FRAG_MTU}",
+            topo.endpoint_namespaces,
+        )
+        reasm_before = traffic.reassembly(host)
+        t.feed(fragmented, pace=0.05, step=64 * 1024)
+        try:
+            t.wait_received(timeout=30)
+        except traffic.TransferError as exc:
+            lost = str(exc).splitlines()[0]
+        reasm = traffic.reassembly(host) - reasm_before
+        still = ct.the_entry(ct.proc_entries(host), "udp", t.flow.port)
+        result = t.close(timeout=5 if lost else 30)  # lost: no use waiting for more
+
+    report = f"{t.flow}: {during}\n{entry.raw}\nrouter reassembly: {reasm}"
+    assert entry.offloaded and during.mostly_offloaded(NBYTES), (
+        f"not offloaded, so this says nothing about the fast path: {report}"
+    )
+    assert still.offloaded, f"the flow left the flowtable while fragments came: {still.raw}"
+    assert not lost and result.intact, (
+        f"{FRAGMENTED} datagrams sent as fragments down the offloaded flow did not all "
+        f"arrive ({lost or result}): {report}"
+    )
+    assert reasm.reassembled >= FRAGMENTED and reasm.fragments >= 2 * FRAGMENTED, (
+        f"the router reassembled {reasm.reassembled} of the {FRAGMENTED} fragmented datagrams "
+        f"({reasm.fragments} fragments): the rest did not take the classic path: {report}"
     )

@@ -2,11 +2,11 @@
 
 OpenWrt routes its LAN from a bridge (``br-lan``) over the LAN ports, and with DSA switch
 configs from a VLAN of a VLAN-filtering bridge (``br-lan.1``); many ISPs hand out the WAN in a
-VLAN (``wan.7``). The flowtable is still hooked on the physical ports (fw4 lists the lower
-devices), and the flow's route then goes through the bridge or VLAN: the flowtable must
-record the tags and the bridge port when the flow is added, match tagged packets on
-ingress, strip the tag, and transmit straight to the bridge port (``FLOW_OFFLOAD_XMIT_DIRECT``).
-None of that code runs on plain ports.
+VLAN (``wan.7``), some inside a carrier's service VLAN (QinQ). The flowtable is still hooked on
+the physical ports (fw4 lists the lower devices), and the flow's route then goes through the
+bridge or VLAN(s): the flowtable must record the tags and the bridge port when the flow is
+added, match tagged packets on ingress, strip the tags, and transmit straight to the bridge
+port (``FLOW_OFFLOAD_XMIT_DIRECT``). None of that code runs on plain ports.
 
 Each shape is a context manager: it reshapes the router's ``lan`` or ``wan`` (and the
 endpoint facing it), and undoes it afterwards; the reset between tests puts the plain
@@ -28,6 +28,7 @@ from kmodtest.guest.topology import Topology
 BRIDGE = "br-lan"
 LAN_VLAN = 1  # OpenWrt's default LAN VLAN on DSA switches (br-lan.1)
 WAN_VLAN = 7  # a VLAN id ISPs commonly tag their WAN with
+SERVICE_VLAN = 100  # an 802.1ad service VLAN (S-tag) around WAN_VLAN: QinQ
 
 
 @dataclass(frozen=True)
@@ -99,21 +100,42 @@ class WanVlan:
     server_ipv6: str = "2001:db8:7::2/64"
 
 
+QINQ_MTU = 1492  # the customer VLAN's MTU inside a service VLAN: the two tags fit a 1518-byte frame
+
+
 @contextmanager
-def wan_vlan(host: testinfra.host.Host, topology: Topology) -> Iterator[Shaped]:
+def wan_vlan(
+    host: testinfra.host.Host, topology: Topology, service_vlan: int | None = None
+) -> Iterator[Shaped]:
     """The server is reached in VLAN 7 over the ``wan`` cable: ``wan.7`` on the router,
     ``eth0.7`` on the server, a subnet of their own, and the server's way back to the LAN
-    through it (the untagged WAN stays as it was)."""
+    through it (the untagged WAN stays as it was).
+
+    ``service_vlan``: QinQ, VLAN 7 carried inside an 802.1ad service VLAN of that id
+    (``wan.<id>.7``), as carriers hand out wholesale lines: every frame has two tags, and the
+    inner one stays in the packet when the NIC's receive path lifts the outer one off.
+    """
     v = WanVlan()
     wan, server = topology.segments[1].router, topology.server
-    ns, r_dev, s_dev = server.netns, f"{wan.name}.{WAN_VLAN}", f"{server.name}.{WAN_VLAN}"
+    ns = server.netns
+    r_base, s_base, stack, mtu = wan.name, server.name, "", ""
+    if service_vlan is not None:
+        r_base, s_base = f"{wan.name}.{service_vlan}", f"{server.name}.{service_vlan}"
+        s_tag = f"type vlan proto 802.1ad id {service_vlan}"
+        stack = (
+            f"ip link add link {wan.name} name {r_base} {s_tag}\nip link set {r_base} up\n"
+            f"ip -n {ns} link add link {server.name} name {s_base} {s_tag}\n"
+            f"ip -n {ns} link set {s_base} up\n"
+        )
+        mtu = f" mtu {QINQ_MTU}"
+    r_dev, s_dev = f"{r_base}.{WAN_VLAN}", f"{s_base}.{WAN_VLAN}"
     lan4 = topology.segments[0].router.ipv4
     lan6 = topology.segments[0].router.ipv6
-    setup = f"""ip link add link {wan.name} name {r_dev} type vlan id {WAN_VLAN}
+    setup = f"""{stack}ip link add link {r_base} name {r_dev}{mtu} type vlan id {WAN_VLAN}
 ip addr add {v.router_ipv4} dev {r_dev}
 ip addr add {v.router_ipv6} dev {r_dev} nodad
 ip link set {r_dev} up
-ip -n {ns} link add link {server.name} name {s_dev} type vlan id {WAN_VLAN}
+ip -n {ns} link add link {s_base} name {s_dev}{mtu} type vlan id {WAN_VLAN}
 ip -n {ns} addr add {v.server_ipv4} dev {s_dev}
 ip -n {ns} addr add {v.server_ipv6} dev {s_dev} nodad
 ip -n {ns} link set {s_dev} up
@@ -123,8 +145,9 @@ ip -n {ns} route add {_network(lan6)} via {v.router_ipv6.split("/")[0]} dev {s_d
     try:
         links.change(host, setup, topology.namespaces)
         yield Shaped(r_dev, v.server_ipv4.split("/")[0], v.server_ipv6.split("/")[0])
-    finally:
-        host.run(f"ip link del {r_dev} 2>/dev/null; ip -n {ns} link del {s_dev} 2>/dev/null; true")
+    finally:  # the lowest VLAN device: deleting it takes the one stacked on it along
+        r_low, s_low = (r_base, s_base) if service_vlan is not None else (r_dev, s_dev)
+        host.run(f"ip link del {r_low} 2>/dev/null; ip -n {ns} link del {s_low} 2>/dev/null; true")
 
 
 def _network(interface: str) -> str:

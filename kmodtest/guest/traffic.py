@@ -400,6 +400,32 @@ def frag_fails(host: testinfra.host.Host, family: int) -> int:
     return int(host.check_output("grep '^Ip6FragFails' /proc/net/snmp6").split()[1])
 
 
+@dataclass(frozen=True)
+class Reassembly:
+    """IPv4 reassembly counters of one host (/proc/net/snmp): the classic path's view of
+    fragments. Conntrack reassembles every fragmented packet before the prerouting hooks
+    (nf_defrag_ipv4), so on a router these count the fragments that took the classic path."""
+
+    fragments: int  # ReasmReqds: fragments handed to reassembly
+    reassembled: int  # ReasmOKs: packets put back together
+    failed: int  # ReasmFails: fragments given up (a missing piece timed out, ...)
+
+    def __sub__(self, other: Reassembly) -> Reassembly:
+        return Reassembly(
+            self.fragments - other.fragments,
+            self.reassembled - other.reassembled,
+            self.failed - other.failed,
+        )
+
+
+def reassembly(host: testinfra.host.Host) -> Reassembly:
+    names, values = (
+        ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
+    )
+    ip = dict(zip(names, values, strict=True))
+    return Reassembly(int(ip["ReasmReqds"]), int(ip["ReasmOKs"]), int(ip["ReasmFails"]))
+
+
 def expired_in_transit(host: testinfra.host.Host, family: int) -> int:
     """Packets the classic forwarding path dropped as header errors, which is where a packet
     whose TTL / hop limit runs out at the router is counted (ip_forward and ip6_forward count
