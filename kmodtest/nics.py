@@ -23,10 +23,6 @@ class NicModel:
     optional: bool = False
     # ``ip link set`` options every port of this model gets, at setup and on every reset
     link_options: str = ""
-    # a QEMU older than this emulates the model unreliably (why: ``unreliable_why``): its tests
-    # skip there unless the run names the model with --nic
-    reliable_from: tuple[int, int] | None = None
-    unreliable_why: str = ""
 
 
 _INTEL = "CONFIG_NET_VENDOR_INTEL=y"
@@ -47,13 +43,6 @@ NICS: dict[str, NicModel] = {
             "e1000e",
             (_INTEL, "CONFIG_E1000E=m"),
             link_options="gso_max_segs 1",
-            reliable_from=(8, 0),
-            unreliable_why=(
-                "its emulation corrupted guest memory in two default runs here: a guest double "
-                "fault in kmem_cache_alloc_node under a TCP or UDP send, with garbage registers, "
-                "never seen on e1000 or virtio-net-pci (README: the e1000e double fault); QEMU "
-                "8.0 reworked the model"
-            ),
         ),
         NicModel("igb", "igb", (_INTEL, "CONFIG_IGB=m"), optional=True),  # QEMU 8.0+
         NicModel(

@@ -46,7 +46,7 @@ from kmodtest.prepare.recipes import load_recipe
 from kmodtest.prepare.tools import ToolsLayer
 from kmodtest.progress import Progress
 from kmodtest.run import rundirs
-from kmodtest.run.devices import missing_nic, unreliable_nic
+from kmodtest.run.devices import missing_nic
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 from kmodtest.run.passthrough import missing_prerequisites
 
@@ -147,12 +147,8 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
                 raise KmodtestError(f"cell {cell.id}: {why}")
             session.skips[cell.id] = why
             continue
-        named = set(settings.nic.split(",")) if settings.nic else set()
         for nic in cell.spec.nics:
-            why = missing_nic(cell.arch.qemu_binary, nic)
-            if why is None and nic not in named:  # a model the run names runs anyway
-                why = unreliable_nic(cell.arch.qemu_binary, nic)
-            if why:
+            if why := missing_nic(cell.arch.qemu_binary, nic):
                 session.nic_skips[(cell.id, nic)] = why
         if cell.spec.passthrough:
             backend = pool.backend_for(cell)

@@ -10,8 +10,6 @@ import functools
 import re
 import subprocess
 
-from kmodtest.nics import NICS
-
 DEVICE_NAME = re.compile(r'^name "([^"]+)"', re.MULTILINE)
 
 
@@ -44,19 +42,3 @@ def missing_nic(binary: str, nic: str) -> str | None:
     if not devices or nic in devices:
         return None  # a binary that cannot be asked fails later, with QEMU's own message
     return f"{binary} {qemu_version(binary)} has no {nic} device (see `{binary} -device help`)"
-
-
-def unreliable_nic(binary: str, nic: str) -> str | None:
-    """Why ``nic``'s emulation in ``binary`` is not trusted (a skip unless named), or None."""
-    model = NICS.get(nic)
-    if model is None or model.reliable_from is None:
-        return None
-    version = qemu_version(binary)
-    numbers = re.match(r"(\d+)\.(\d+)", version)
-    if numbers is None or (int(numbers[1]), int(numbers[2])) >= model.reliable_from:
-        return None
-    major, minor = model.reliable_from
-    return (
-        f"{binary} {version} emulates {nic} unreliably: {model.unreliable_why}; "
-        f"fix: QEMU {major}.{minor}+, or name it (--nic {nic}) to run it anyway"
-    )
