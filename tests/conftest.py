@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kmodtest.lifecycle.case import VmCase
+
 pytest_plugins = ["pytester", "tests.faults"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,3 +26,10 @@ def inner_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 from tests.openwrt_standin import standin, standin_images, standin_server  # noqa: E402, F401
+
+
+@pytest.fixture
+def case(kmodtest_session) -> VmCase:
+    """The default cell's first NIC model: the VM case tests of the lifecycle drive by hand."""
+    cell = kmodtest_session.cells[0]
+    return VmCase(cell, cell.spec.nics[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.lifecycle.strategy import State
 
@@ -19,12 +18,6 @@ def pool(kmodtest_session, tmp_path):
     own = RouterPool(kmodtest_session.pool.images, tmp_path / "logs", accel="auto")
     yield own
     own.close()
-
-
-@pytest.fixture
-def case(kmodtest_session) -> VmCase:
-    cell = kmodtest_session.cells[0]
-    return VmCase(cell, cell.spec.nics[0])
 
 
 def test_what_the_kernel_logged_before_a_stop_is_that_test_s(pool, case):

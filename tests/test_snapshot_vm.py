@@ -8,7 +8,6 @@ import time
 import pytest
 
 from kmodtest.errors import MachineError
-from kmodtest.lifecycle.case import VmCase
 from kmodtest.lifecycle.plans import plan_for
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.lifecycle.snapshots import FINGERPRINT, KIND, STATE, Snapshots
@@ -30,12 +29,6 @@ def pool(kmodtest_session, tmp_path, snapshots):
     )
     yield own
     own.close()
-
-
-@pytest.fixture
-def case(kmodtest_session) -> VmCase:
-    cell = kmodtest_session.cells[0]
-    return VmCase(cell, cell.spec.nics[0])
 
 
 def test_a_case_boots_once_and_later_vms_restore_its_state(pool, case, snapshots):
