@@ -23,6 +23,10 @@ class NicModel:
     optional: bool = False
     # ``ip link set`` options every port of this model gets, at setup and on every reset
     link_options: str = ""
+    # root-bus slots from one device of this model to the next: igb is an SR-IOV physical
+    # function whose 8 virtual functions QEMU puts 16-17 slots above it, so two igbs in
+    # neighbouring slots collide ("slot 20 function 0 not available for igbvf")
+    pci_slots: int = 1
 
 
 _INTEL = "CONFIG_NET_VENDOR_INTEL=y"
@@ -44,7 +48,7 @@ NICS: dict[str, NicModel] = {
             (_INTEL, "CONFIG_E1000E=m"),
             link_options="gso_max_segs 1",
         ),
-        NicModel("igb", "igb", (_INTEL, "CONFIG_IGB=m"), optional=True),  # QEMU 8.0+
+        NicModel("igb", "igb", (_INTEL, "CONFIG_IGB=m"), optional=True, pci_slots=2),  # QEMU 8.0+
         NicModel(
             "rtl8139", "8139cp", ("CONFIG_NET_VENDOR_REALTEK=y", "CONFIG_8139CP=m"), optional=True
         ),

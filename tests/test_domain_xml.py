@@ -16,6 +16,7 @@ import pytest
 from kmodtest.arches import ARCHES
 from kmodtest.errors import ConfigError
 from kmodtest.guest.topology import Topology
+from kmodtest.run import emulator
 from kmodtest.run.domainxml import Owner, domain_xml, link_keys
 from kmodtest.run.machine import MachineSpec
 from kmodtest.run.ports import PortLease
@@ -27,6 +28,10 @@ PASSTHROUGH = {
     "wan": "0000:04:00.0",
     "server": "0000:04:00.1",
 }
+
+
+# the golden XML is the host QEMU's (no <emulator>), whichever QEMU this run chose
+pytestmark = pytest.mark.usefixtures("host_qemu")
 
 
 def spec(arch: str = "x86_64", accel: str = "tcg", nic: str = "e1000", **kw) -> MachineSpec:
@@ -130,6 +135,13 @@ def test_x86_e1000_golden():
     assert render(spec()) == GOLDEN_X86_E1000
 
 
+def test_a_debian_qemu_is_named_as_the_domains_emulator(monkeypatch):
+    script = "/cache/qemu/k/bin/qemu-system-x86_64"
+    choice = emulator.QemuChoice("x86_64", script, "Debian trixie 1:10.0", "older host QEMU")
+    monkeypatch.setattr(emulator, "_chosen", {"x86_64": choice})
+    assert ET.fromstring(render(spec())).findtext("devices/emulator") == script
+
+
 def test_each_link_is_one_tcp_connection_like_the_dgram_socket_pair():
     """One end of each link listens (server), its peer connects (client): one port per link."""
     root = ET.fromstring(render(spec(nic="virtio-net-pci")))
@@ -153,6 +165,13 @@ def test_x86_devices_sit_in_the_slots_qemu_gives_them_in_our_argv():
     slots = [i.find("address").get("slot") for i in root.findall("devices/interface")]
     assert macs == [nic.mac for nic in spec().nics]
     assert slots == ["0x03", "0x04", "0x05", "0x06"]
+
+
+def test_igbs_sit_two_slots_apart_like_in_our_argv():
+    """igb's SR-IOV functions take the slots 16-17 above each igb: side by side they collide."""
+    root = ET.fromstring(render(spec(nic="igb")))
+    slots = [i.find("address").get("slot") for i in root.findall("devices/interface")]
+    assert slots == ["0x03", "0x05", "0x07", "0x09"]
 
 
 def test_kvm_domain_uses_host_cpu():

@@ -22,13 +22,15 @@ No ``<qemu:commandline>``: it taints the domain, and nothing here needs it.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from kmodtest.errors import ConfigError
-from kmodtest.run.machine import DgramLink, HostPciLink, MachineSpec, Nic
+from kmodtest.run.emulator import qemu_binary
+from kmodtest.run.machine import DgramLink, HostPciLink, MachineSpec, Nic, nic_slot
 from kmodtest.run.qemu import AGENT_PORT_NAME
 
 METADATA_NS = "urn:kmodtest:domain:1"  # marks domains kmodtest started (owner pid, run dir)
@@ -178,6 +180,8 @@ def domain_xml(
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(domain, event, "destroy")
     devices = _sub(domain, "devices")
+    if os.sep in (command := qemu_binary(spec.arch)):  # else libvirt's own default emulator
+        _sub(devices, "emulator", command)
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(spec.console_log), append="off")
     _sub(serial, "target", port="0")
@@ -189,7 +193,7 @@ def domain_xml(
     listening: set[frozenset[Path]] = set()
     emulated = [nic for nic in spec.nics if not isinstance(nic.link, HostPciLink)]
     for nic in spec.nics:
-        slot = None if first is None or nic not in emulated else first + 1 + emulated.index(nic)
+        slot = None if first is None or nic not in emulated else nic_slot(spec.nics, nic)
         _nic(devices, nic, ports, listening, slot)
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")

@@ -7,10 +7,12 @@ libvirt domain XML later. It can be checked without booting anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodtest.arches import Arch
+from kmodtest.nics import get_nic
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,18 @@ class Nic:
     model: str  # QEMU device model: virtio-net-pci, e1000, ...; vfio-pci for passthrough
     mac: str
     link: DgramLink | HostPciLink
+
+
+# the first root-bus slot for NICs: pc has its host bridge in slot 0, the PIIX3 in 1 and our
+# virtio-serial controller in 2; arm's virt machine only its host bridge in 0
+FIRST_NIC_SLOT = 3
+
+
+def nic_slot(nics: Sequence[Nic], nic: Nic) -> int:
+    """The root-bus slot of emulated ``nic``: next to the one before it, or as far apart as
+    its model needs (:attr:`kmodtest.nics.NicModel.pci_slots`)."""
+    emulated = [n for n in nics if not isinstance(n.link, HostPciLink)]
+    return FIRST_NIC_SLOT + emulated.index(nic) * get_nic(nic.model).pci_slots
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from kmodtest import processes
 from kmodtest.errors import MachineError
-from kmodtest.run.machine import HostPciLink, MachineSpec
+from kmodtest.nics import get_nic
+from kmodtest.run.emulator import qemu_binary
+from kmodtest.run.machine import HostPciLink, MachineSpec, nic_slot
 from kmodtest.run.snapshot import resume_restored, save_state
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def qemu_argv(
     ``incoming_fd``: restore a saved state from that (inherited) fd instead of booting, and
     stay paused until QMP ``cont`` (:mod:`kmodtest.run.snapshot`)."""
     argv = [
-        binary or spec.arch.qemu_binary,
+        binary or qemu_binary(spec.arch),
         "-name", spec.name,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", spec.machine,
@@ -76,13 +78,15 @@ def qemu_argv(
                 f"vfio-pci,host={nic.link.host},id={nic.name},addr={nic.link.guest_slot:#x}",
             ]
             continue
+        # models that need room between devices get their slots; the others take QEMU's next
+        addr = f",addr={nic_slot(spec.nics, nic):#x}" if get_nic(nic.model).pci_slots > 1 else ""
         argv += [
             "-netdev",
             f"dgram,id={nic.name},local.type=unix,local.path={option_path(nic.link.local)},"
             f"remote.type=unix,remote.path={option_path(nic.link.remote)}",
             "-device",
             # romfile= skips the PXE option ROM: nothing network-boots, and it saves boot time
-            f"{nic.model},netdev={nic.name},mac={nic.mac},romfile=",
+            f"{nic.model},netdev={nic.name},mac={nic.mac},romfile={addr}",
         ]
     argv += spec.arch.extra_args
     if incoming_fd is not None:
@@ -93,7 +97,7 @@ def qemu_argv(
 def find_qemu(spec: MachineSpec) -> str:
     arch = spec.arch
     return processes.require_tool(
-        arch.qemu_binary, arch.qemu_package, f"{arch.name} cells", MachineError
+        qemu_binary(arch), arch.qemu_package, f"{arch.name} cells", MachineError
     )
 
 
