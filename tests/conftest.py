@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kmodtest.lifecycle.case import VmCase
+from kmodtest.run import emulator
 
 pytest_plugins = ["pytester", "tests.faults"]
 
@@ -17,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def host_qemu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's QEMU for this test, whichever one the run chose (--qemu): for golden values."""
+    monkeypatch.setattr(emulator, "_chosen", {})
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.progress import Progress
 from kmodtest.run.accel import choose_accel
+from kmodtest.run.emulator import choose_qemu, describe
 
 console = Console()
 
@@ -53,6 +54,8 @@ def _bench_cell(args: argparse.Namespace, cell: Cell, builder: ImageBuilder, tab
     row("image build, cached", f"{cached * 1000:.1f} ms")
 
     settings = Settings.from_args(args)
+    (qemu,) = choose_qemu([cell.arch], settings.qemu, builder.cache, Progress())
+    row("QEMU", describe(qemu))
     accel = choose_accel(cell.arch, settings.accel)
     row("accelerator", f"{accel.accel} ({accel.reason})")
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-logs-") as logs:

@@ -45,7 +45,9 @@ from kmodtest.prepare.cells import Cell, DebianSource
 from kmodtest.prepare.images import Image, ImageBuilder
 from kmodtest.prepare.kernelpackage import get_kernel_package
 from kmodtest.prepare.overlay import kernel_packages
+from kmodtest.progress import Progress
 from kmodtest.run.accel import choose_accel
+from kmodtest.run.emulator import choose_qemu
 
 console = Console()
 VNG_TIMEOUT = 300.0
@@ -124,6 +126,7 @@ def _bench_cell(
     args: argparse.Namespace, cell: Cell, builder: ImageBuilder, table: Table, logs: Path
 ) -> None:
     settings = Settings.from_args(args)
+    choose_qemu([cell.arch], settings.qemu, builder.cache, Progress())
     accel = choose_accel(cell.arch, settings.accel).accel
     image = builder.get(cell)
     wanted = args.nic.split(",") if args.nic else cell.spec.nics

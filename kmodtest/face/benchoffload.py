@@ -37,7 +37,9 @@ from kmodtest.lifecycle.images import Images
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cells import Cell
 from kmodtest.prepare.images import ImageBuilder
+from kmodtest.progress import Progress
 from kmodtest.run.accel import choose_accel
+from kmodtest.run.emulator import choose_qemu
 
 console = Console(width=max(Console().width, 110))
 RTT = re.compile(r"time=([0-9.]+) ?ms")
@@ -126,7 +128,9 @@ def run_bench_offload(args: argparse.Namespace, cells: list[Cell], builder: Imag
     nbytes = args.megabytes * 1_000_000
     with tempfile.TemporaryDirectory(prefix="kmodtest-bench-offload-") as logs:
         for cell in cells:
-            accel = choose_accel(cell.arch, Settings.from_args(args).accel)
+            settings = Settings.from_args(args)
+            choose_qemu([cell.arch], settings.qemu, builder.cache, Progress())
+            accel = choose_accel(cell.arch, settings.accel)
             pool = RouterPool(Images(builder), Path(logs), accel=accel.accel)
             try:
                 vm = pool.acquire(VmCase(cell, case_nics(cell, wanted_nics(args.nic))[0]))

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resets", type=int, default=20,
                    help="network resets between tests to time (default: 20)")  # fmt: skip
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
-    options.add_to_argparse(p, ["accel", "backend", "libvirt_uri"])
+    options.add_to_argparse(p, ["accel", "qemu", "backend", "libvirt_uri"])
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_selectors(p)
     p.add_argument("--rounds", type=int, default=5, help="rounds of cold, restored, virtme-ng")
-    options.add_to_argparse(p, ["accel"])
+    options.add_to_argparse(p, ["accel", "qemu"])
     p.set_defaults(func=cmd_bench_boot)
 
     p = sub.add_parser(
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selectors(p)
     p.add_argument("--megabytes", type=int, default=32, help="size of the throughput transfer")
     p.add_argument("--pings", type=int, default=40, help="pings while the bulk transfer runs")
-    options.add_to_argparse(p, ["accel"])
+    options.add_to_argparse(p, ["accel", "qemu"])
     p.set_defaults(func=cmd_bench_offload)
 
     p = sub.add_parser("cache", help="what the cache holds; prune what nothing points to")

@@ -46,6 +46,7 @@ from kmodtest.prepare.modchange import ModuleChange
 from kmodtest.prepare.overlay import OverlayBuilder
 from kmodtest.prepare.tools import Tools, ToolsLayer
 from kmodtest.progress import Progress
+from kmodtest.run.emulator import choose_qemu
 
 EXIT_CRASH = 123
 EXIT_TIMEOUT = 124
@@ -155,6 +156,8 @@ def _pool(args: argparse.Namespace, network: bool) -> tuple[RouterPool, VmCase]:
         raise ConfigError(f"--nic {nic}: not a NIC model of {cell.id}",
                           f"use one of: {', '.join(nics)}")  # fmt: skip
     cache = Cache(settings.image_cache)
+    choose_qemu([cell.arch, matrix.default.arch], settings.qemu, cache,
+                Progress(quiet=not args.verbose))  # fmt: skip
     log_root = settings.log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}-{os.getpid()}"
     overlay = None
     if getattr(args, "module_patch", None):
@@ -347,7 +350,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def _lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show image builds and stream the guest console to stderr")  # fmt: skip
-    names = ["kernel", "nic", "accel", "backend", "libvirt_uri", "icount", "log_dir", "keep_logs"]
+    names = ["kernel", "nic", "accel", "qemu", "backend", "libvirt_uri", "icount", "log_dir",
+             "keep_logs"]  # fmt: skip
     options.add_to_argparse(p, [*names, "refresh_images", *options.DIRS])
     p.add_argument("--package", action="append", metavar="PKG[,PKG...]",
                    help="Debian packages (of the cell's suite) to add to the image, as a cached "

@@ -19,6 +19,7 @@ import pytest
 
 from kmodtest.errors import ConfigError
 from kmodtest.prepare.cache import default_cache_dir
+from kmodtest.run.emulator import QEMU_CHOICES
 from kmodtest.run.launcher import BACKENDS
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 
@@ -57,6 +58,9 @@ OPTIONS: dict[str, Option] = {
                metavar="MODEL[,MODEL...]"),
         Option("accel", "--accel", "QEMU accelerator; auto uses KVM only if a probe VM runs "
                "under it", default="auto", choices=("auto", "kvm", "tcg")),
+        Option("qemu", "--qemu", "which QEMU: auto takes the host's if it is 8.0 or newer, "
+               "else Debian trixie's (unpacked into the cache, nothing installed); host; debian",
+               default="auto", choices=QEMU_CHOICES),
         Option("backend", "--backend", "how VMs start: qemu (a subprocess) or libvirt (a "
                "transient domain); default: the cell's backend:, else qemu", choices=BACKENDS),
         Option("libvirt_uri", "--libvirt-uri", "libvirt connection for --backend libvirt "
@@ -126,6 +130,7 @@ class Settings:
     arch: str | None
     nic: str | None
     accel: str
+    qemu: str
     backend: str | None
     libvirt_uri: str | None
     passthrough: str | None
@@ -150,6 +155,8 @@ class Settings:
         value = {n: (raw[n] if n in given else OPTIONS[n].default) for n in OPTIONS}
         if value["accel"] not in (OPTIONS["accel"].choices or ()):  # ini values skip argparse
             raise ConfigError(f"unknown accelerator {value['accel']!r}", "use auto, kvm or tcg")
+        if value["qemu"] not in QEMU_CHOICES:
+            raise ConfigError(f"unknown --qemu {value['qemu']!r}", "use auto, host or debian")
         if value["topology"] not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {value['topology']!r}", "use one-vm or two-vm")
         if value["backend"] not in (None, *BACKENDS):
@@ -159,6 +166,7 @@ class Settings:
             arch=value["arch"],
             nic=value["nic"],
             accel=value["accel"],
+            qemu=value["qemu"],
             backend=value["backend"],
             libvirt_uri=value["libvirt_uri"],
             passthrough=value["passthrough"],

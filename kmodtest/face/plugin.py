@@ -47,6 +47,7 @@ from kmodtest.prepare.tools import ToolsLayer
 from kmodtest.progress import Progress
 from kmodtest.run import rundirs
 from kmodtest.run.devices import missing_nic
+from kmodtest.run.emulator import choose_qemu, describe, qemu_binary
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 from kmodtest.run.passthrough import missing_prerequisites
 
@@ -114,6 +115,9 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         two_vm=settings.topology == "two-vm",
         tools=ToolsLayer(cache, progress=Progress(quiet=quiet)),  # cells' extra_packages:
     )
+    # before anything asks a QEMU binary (accelerator probe, NIC models, saved-state keys)
+    qemu = choose_qemu([c.arch for c in (*cells, matrix.default)], settings.qemu, cache,
+                       Progress(quiet=quiet))  # fmt: skip
     keep = bool(config.getoption("keep_vm_on_failure"))
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
@@ -123,7 +127,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
         snapshots=None if settings.no_snapshots or images.overlay else Snapshots(cache),
     )  # fmt: skip
     session = KmodtestSession(matrix, cells, cache, pool, log_root, settings.keep_logs,
-                              keep_on_failure=keep)  # fmt: skip
+                              keep_on_failure=keep, qemu=qemu)  # fmt: skip
     if keep:  # a libvirt cell cannot keep its VM: say so now, not after the first failure
         for cell in cells:
             pool.launcher_for(cell)
@@ -136,7 +140,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
                 continue
         arch = cell.arch
         try:
-            processes.require_tool(arch.qemu_binary, arch.qemu_package, error=MachineError)
+            processes.require_tool(qemu_binary(arch), arch.qemu_package, error=MachineError)
         except MachineError as exc:
             if not broad:
                 raise KmodtestError(f"cell {cell.id}: {exc.problem}", exc.fix) from None
@@ -148,7 +152,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
             session.skips[cell.id] = why
             continue
         for nic in cell.spec.nics:
-            if why := missing_nic(cell.arch.qemu_binary, nic):
+            if why := missing_nic(qemu_binary(cell.arch), nic):
                 session.nic_skips[(cell.id, nic)] = why
         if cell.spec.passthrough:
             backend = pool.backend_for(cell)
@@ -285,6 +289,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         cell = next(c for c in session.cells if c.arch.name == arch)
         choice = session.pool.accel_for(cell)
         lines.append(f"kmodtest accel {arch}: {choice.accel} ({choice.reason})")
+    lines += [f"kmodtest {describe(choice)}" for choice in session.qemu]
     return lines
 
 

@@ -10,6 +10,7 @@ from kmodtest.face.kept import KeptVm
 from kmodtest.lifecycle.pool import RouterPool
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, Matrix
+from kmodtest.run.emulator import QemuChoice
 
 
 @dataclass
@@ -25,6 +26,7 @@ class KmodtestSession:
     nic_skips: dict[tuple[str, str], str] = field(default_factory=dict)
     keep_on_failure: bool = False  # --keep-vm-on-failure: the first failing test's VM stays
     kept: list[KeptVm] = field(default_factory=list)
+    qemu: list[QemuChoice] = field(default_factory=list)  # which QEMU each arch runs on
 
     def finish(self, failed: bool) -> list[str]:
         """Stop every lab; kernel problems found outside any test. Logs stay when anything

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kmodtest.arches import Arch, KvmProbe
 from kmodtest.errors import ConfigError
+from kmodtest.run.emulator import qemu_binary
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ class AccelChoice:
 
 
 @functools.cache
-def _kvm_probe(qemu_binary: str, probe: KvmProbe) -> str | None:
+def _kvm_probe(command: str, probe: KvmProbe) -> str | None:
     """None if a KVM guest ran the probe firmware to completion, else why not."""
-    binary = shutil.which(qemu_binary)
+    binary = shutil.which(command)
     if not binary:
-        return f"{qemu_binary} not installed"
+        return f"{command} not installed"
     with tempfile.TemporaryDirectory(prefix="kmodtest-kvm-") as tmp:
         firmware = Path(tmp) / "probe.bin"
         firmware.write_bytes(probe.firmware)
@@ -77,7 +78,7 @@ def kvm_unusable_reason(arch: Arch) -> str | None:
         wanted = " nor ".join(arch.kvm_cpu_flags)
         return f"the CPU advertises neither {wanted} (nested virtualisation is off)"
     if arch.kvm_probe is not None:
-        return _kvm_probe(arch.qemu_binary, arch.kvm_probe)
+        return _kvm_probe(qemu_binary(arch), arch.kvm_probe)
     return None  # no probe for this arch: trust /dev/kvm; --accel tcg overrides
 
 
