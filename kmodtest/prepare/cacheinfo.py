@@ -4,7 +4,8 @@ Live means reachable from the current matrix: for each cell of ``kernels/*.yaml`
 entry of its input key and the image it names. Everything else in ``images/`` and ``index/``
 is from an older recipe, package set or builder, and so are leftovers of interrupted builds
 (``work/``, ``.<key>.*`` temporaries). The module-loop caches (``sources``, ``toolchains``,
-``overlays``, ``kernel-trees``) are listed with their size; ``--kind`` removes one wholesale.
+``overlays``, ``kernel-trees``) and the Debian QEMU (``qemu``, :mod:`kmodtest.prepare.qemu`)
+are listed with their size; ``--kind`` removes one wholesale.
 """
 
 from __future__ import annotations
