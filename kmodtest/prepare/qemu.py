@@ -29,17 +29,19 @@ QEMU_SUITE = "trixie"
 # all of them
 QEMU_MODULE_PACKAGES = ("qemu-system-modules-opengl", "qemu-system-modules-spice")
 # Bump when the entry's layout (wrapper scripts, qemu.json) changes.
-QEMU_LAYOUT = 1
+QEMU_LAYOUT = 2
 QEMU_CODE = ("kmodtest.prepare.qemu", "kmodtest.prepare.debian")
 MANIFEST = "qemu.json"
 
-_WRAPPER = """#!/bin/sh
+_WRAPPER = """#!/bin/bash
 # {binary} from Debian {suite} ({version}), unpacked by kmodtest (kmodtest/prepare/qemu.py):
-# run with the suite's own loader, libraries, firmware and modules, not the host's
+# run with the suite's own loader, libraries, firmware and modules, not the host's; the
+# process is still named {binary} (argv[0]), as tools that look for QEMU processes expect
 root="$(dirname "$(readlink -f "$0")")/../root"
 lib="$root/usr/lib/{triplet}"
 export QEMU_MODULE_DIR="$lib/qemu"
-exec "$lib/{loader}" --library-path "$lib" "$root/usr/bin/{binary}" -L "$root/usr/share/qemu" "$@"
+exec -a {binary} "$lib/{loader}" --library-path "$lib" "$root/usr/bin/{binary}" \\
+    -L "$root/usr/share/qemu" "$@"
 """
 
 
