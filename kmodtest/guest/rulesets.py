@@ -16,7 +16,7 @@ from typing import Any
 from testinfra.backend.base import CommandResult
 
 from kmodtest.guest.nft import Nft
-from kmodtest.guest.traffic import FORWARDED_COUNTER, parse_forwarded
+from kmodtest.guest.traffic import FORWARDED
 
 TABLE = "kt"
 FLOWTABLE = "ft"
@@ -174,7 +174,7 @@ def _sample_script(family: int, ports: tuple[str, ...], table: str) -> str:
     )
     return (
         f"nft -j list chain inet {table} forward; echo {_SEP}; cat {stats}; echo {_SEP}; "
-        f"{FORWARDED_COUNTER[family]}"
+        f"{FORWARDED.command(family)}"
     )
 
 
@@ -182,7 +182,7 @@ def _parse_sample(out: str, family: int) -> PathSample:
     listing, rx_text, forwarded = out.split(_SEP)[-3:]  # not '#': nft's release names hold one
     counter = _counter(_find_rule(json.loads(listing)["nftables"], SLOWPATH))
     rx = [int(v) for v in rx_text.split()]
-    return PathSample(counter, parse_forwarded(forwarded, family), sum(rx[0::2]), sum(rx[1::2]))
+    return PathSample(counter, FORWARDED.parse(forwarded, family), sum(rx[0::2]), sum(rx[1::2]))
 
 
 def sample_paths(

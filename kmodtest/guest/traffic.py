@@ -355,18 +355,53 @@ def link_stats(host: testinfra.host.Host, dev: str, netns: str | None = None) ->
     return LinkStats(s["rx"]["packets"], s["rx"]["bytes"], s["tx"]["packets"], s["tx"]["bytes"])
 
 
-# shell commands printing the ip_forward / ip6_forward packet counter, and their parser
-FORWARDED_COUNTER = {
-    4: "grep '^Ip:' /proc/net/snmp",
-    6: "grep '^Ip6OutForwDatagrams' /proc/net/snmp6",
-}
+def _snmp_command(table: str) -> str:
+    return f"grep '^{table}:' /proc/net/snmp"
 
 
-def parse_forwarded(text: str, family: int) -> int:
-    if family == 4:
-        names, values = (line.split() for line in text.strip().splitlines())
-        return int(dict(zip(names, values, strict=True))["ForwDatagrams"])
-    return int(text.split()[1])
+def _snmp_table(text: str) -> dict[str, int]:
+    """One /proc/net/snmp table (its header row over its value row, both led by ``Ip:`` ...) as
+    name -> value; empty when grep found no rows."""
+    rows = text.strip().splitlines()
+    if len(rows) < 2:
+        return {}
+    names, values = (row.split()[1:] for row in rows)
+    return dict(zip(names, map(int, values), strict=True))
+
+
+@dataclass(frozen=True)
+class SnmpCounter:
+    """One kernel MIB counter of both IP stacks: a column of a /proc/net/snmp table (IPv4) and a
+    line of /proc/net/snmp6 (IPv6)."""
+
+    table: str  # /proc/net/snmp table, e.g. "Ip"
+    column: str  # its column, e.g. "ForwDatagrams"
+    snmp6: str  # the /proc/net/snmp6 line, e.g. "Ip6OutForwDatagrams"
+    # the table lists only what happened so far (IcmpMsg: one column per message type seen),
+    # so a missing table or column counts 0
+    sparse: bool = False
+
+    def command(self, family: int) -> str:
+        """The shell command printing the counter's rows."""
+        if family == 4:
+            return _snmp_command(self.table) + (" || true" if self.sparse else "")
+        return f"grep '^{self.snmp6}' /proc/net/snmp6"
+
+    def parse(self, text: str, family: int) -> int:
+        if family == 4:
+            table = _snmp_table(text)
+            return table.get(self.column, 0) if self.sparse else table[self.column]
+        return int(text.split()[1])
+
+    def read(self, host: testinfra.host.Host, family: int) -> int:
+        return self.parse(host.check_output(self.command(family)), family)
+
+
+# the ip_forward / ip6_forward packet counter
+FORWARDED = SnmpCounter("Ip", "ForwDatagrams", "Ip6OutForwDatagrams")
+TOO_BIG_SENT = SnmpCounter("IcmpMsg", "OutType3", "Icmp6OutPktTooBigs", sparse=True)
+FRAG_FAILS = SnmpCounter("Ip", "FragFails", "Ip6FragFails")
+IN_HDR_ERRORS = SnmpCounter("Ip", "InHdrErrors", "Ip6InHdrErrors")
 
 
 def forwarded_packets(host: testinfra.host.Host, family: int) -> int:
@@ -375,29 +410,19 @@ def forwarded_packets(host: testinfra.host.Host, family: int) -> int:
     The flowtable's fast path transmits from the ingress hook and never reaches it, so this is
     a slow-path meter that does not depend on any nft rule (it still counts after a flush).
     """
-    return parse_forwarded(host.check_output(FORWARDED_COUNTER[family]), family)
+    return FORWARDED.read(host, family)
 
 
 def icmp_too_big_sent(host: testinfra.host.Host, family: int) -> int:
     """ICMP "fragmentation needed" / ICMPv6 "packet too big" the router sent: only the classic
     forwarding path emits them, for packets over the egress MTU."""
-    if family == 4:
-        out = host.check_output("grep '^IcmpMsg:' /proc/net/snmp || true").splitlines()
-        if len(out) < 2:
-            return 0
-        return int(dict(zip(out[0].split(), out[1].split(), strict=True)).get("OutType3", 0))
-    return int(host.check_output("grep '^Icmp6OutPktTooBigs' /proc/net/snmp6").split()[1])
+    return TOO_BIG_SENT.read(host, family)
 
 
 def frag_fails(host: testinfra.host.Host, family: int) -> int:
     """Packets the classic forwarding path refused as too big for the egress MTU (each one
     answered with an ICMP too-big, which is rate-limited; this counter is not)."""
-    if family == 4:
-        names, values = (
-            ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
-        )
-        return int(dict(zip(names, values, strict=True))["FragFails"])
-    return int(host.check_output("grep '^Ip6FragFails' /proc/net/snmp6").split()[1])
+    return FRAG_FAILS.read(host, family)
 
 
 @dataclass(frozen=True)
@@ -419,23 +444,15 @@ class Reassembly:
 
 
 def reassembly(host: testinfra.host.Host) -> Reassembly:
-    names, values = (
-        ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
-    )
-    ip = dict(zip(names, values, strict=True))
-    return Reassembly(int(ip["ReasmReqds"]), int(ip["ReasmOKs"]), int(ip["ReasmFails"]))
+    ip = _snmp_table(host.check_output(_snmp_command("Ip")))
+    return Reassembly(ip["ReasmReqds"], ip["ReasmOKs"], ip["ReasmFails"])
 
 
 def expired_in_transit(host: testinfra.host.Host, family: int) -> int:
     """Packets the classic forwarding path dropped as header errors, which is where a packet
     whose TTL / hop limit runs out at the router is counted (ip_forward and ip6_forward count
     each one in InHdrErrors; the ICMP time exceeded they answer with is rate-limited)."""
-    if family == 4:
-        names, values = (
-            ln.split() for ln in host.check_output("grep '^Ip:' /proc/net/snmp").splitlines()
-        )
-        return int(dict(zip(names, values, strict=True))["InHdrErrors"])
-    return int(host.check_output("grep '^Ip6InHdrErrors' /proc/net/snmp6").split()[1])
+    return IN_HDR_ERRORS.read(host, family)
 
 
 @dataclass(frozen=True)
