@@ -27,11 +27,11 @@ from kmodtest.guest.router import Network
 from kmodtest.guest.vm import GuestVM
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.keys import artifact_key
+from kmodtest.run.devices import qemu_version_line
 from kmodtest.run.launcher import SavableMachine, SnapshotLauncher
 from kmodtest.run.machine import MachineSpec
 from kmodtest.run.qemu import find_qemu, option_path, qemu_argv
 from kmodtest.run.rundirs import new_lab_dir
-from kmodtest.run.snapshot import qemu_version
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Snapshots:
     def key(self, spec: MachineSpec, network: Network) -> str:
         inputs = {
             "machine": machine_description(spec),
-            "qemu": qemu_version(find_qemu(spec)),
+            "qemu": qemu_version_line(find_qemu(spec)),
             "network": _setup_script(network),
         }
         return artifact_key(inputs, CODE)
@@ -105,7 +105,7 @@ class Snapshots:
             meta = {
                 "key": key,
                 "machine": machine_description(machine.spec),
-                "qemu": qemu_version(find_qemu(machine.spec)),
+                "qemu": qemu_version_line(find_qemu(machine.spec)),
                 "bytes": (tmp / STATE).stat().st_size,
                 "save_seconds": round(saved, 3),
                 "verify_restore_seconds": round(restore, 3),

@@ -27,12 +27,22 @@ def qemu_devices(binary: str) -> frozenset[str]:
 
 
 @functools.cache
+def qemu_version_line(binary: str) -> str:
+    """``binary --version``'s first line ("QEMU emulator version 9.2.0 (Debian 1:9.2.0+ds-1)"):
+    names the build exactly, so a saved state never loads into another QEMU."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout.splitlines()[0].strip()
+
+
 def qemu_version(binary: str) -> str:
+    """The version number alone, for messages ("unknown version" when it cannot be asked)."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        line = qemu_version_line(binary)
+    except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown version"
-    match = re.search(r"version (\S+)", out.stdout)
+    match = re.search(r"version (\S+)", line)
     return match.group(1) if match else "unknown version"
 
 

@@ -12,8 +12,6 @@ VM gets its own sockets and console file.
 
 from __future__ import annotations
 
-import functools
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +24,6 @@ from kmodtest.run.machine import MachineSpec
 QMP_CONNECT_TIMEOUT = 30.0
 SAVE_TIMEOUT = 120.0
 MAX_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default (32 MiB/s) would throttle a local file
-
-
-@functools.cache
-def qemu_version(binary: str) -> str:
-    """``qemu-system-* --version``'s first line: a state never loads into another QEMU."""
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
-    return out.stdout.splitlines()[0].strip()
 
 
 def _monitor(spec: MachineSpec, alive: Callable[[], bool] | None = None) -> QEMUMonitorProtocol:
