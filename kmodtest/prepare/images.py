@@ -48,18 +48,11 @@ def kernel_series(version: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Image:
-    """A built image on disk."""
+class PublishedImage:
+    """An image directory in the cache (built from Debian, or a prepared OpenWrt download):
+    its ``manifest.json`` and the kernel release it boots."""
 
     path: Path
-
-    @property
-    def kernel(self) -> Path:
-        return self.path / "kernel"
-
-    @property
-    def initrd(self) -> Path:
-        return self.path / "initrd.cpio"
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
@@ -73,6 +66,19 @@ class Image:
     @property
     def kernel_series(self) -> tuple[int, int]:
         return kernel_series(self.kernel_version)
+
+
+@dataclass(frozen=True)
+class Image(PublishedImage):
+    """A built image on disk."""
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "kernel"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.cpio"
 
 
 def _sha256(data: bytes) -> str:

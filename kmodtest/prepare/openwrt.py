@@ -29,7 +29,7 @@ from kmodtest.prepare import diskimage
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell, OpenWrtSource
 from kmodtest.prepare.download import DownloadError, Remote, fetch_text, fetch_verified
-from kmodtest.prepare.images import kernel_series
+from kmodtest.prepare.images import PublishedImage
 from kmodtest.prepare.keys import artifact_key
 from kmodtest.prepare.yamlfile import load_model
 from kmodtest.progress import Progress
@@ -114,14 +114,8 @@ PREPARER_CODE = ("kmodtest.prepare.openwrt", "kmodtest.prepare.diskimage")
 
 
 @dataclass(frozen=True)
-class OpenWrtImage:
+class OpenWrtImage(PublishedImage):
     """A prepared OpenWrt image in the cache: what a machine boots, and what it is."""
-
-    path: Path
-
-    @functools.cached_property
-    def manifest(self) -> dict[str, Any]:
-        return json.loads((self.path / "manifest.json").read_text())
 
     def _file(self, name: str) -> Path | None:
         rel = self.manifest["files"].get(name)
@@ -143,14 +137,6 @@ class OpenWrtImage:
     @property
     def cmdline(self) -> str | None:
         return self.manifest.get("cmdline")
-
-    @property
-    def kernel_version(self) -> str:
-        return str(self.manifest["kernel_version"])
-
-    @property
-    def kernel_series(self) -> tuple[int, int]:
-        return kernel_series(self.kernel_version)
 
     @property
     def release(self) -> str:
