@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -282,14 +283,16 @@ def _ignore_paths(root: Path, drop: list[str]):  # type: ignore[no-untyped-def]
     return ignore
 
 
-def write_cpio(tree: Path, archive: Path) -> None:
-    """An uncompressed newc archive owned by root: the guest kernel need not decompress it."""
+def write_cpio(tree: Path, archive: Path, names: Sequence[str] | None = None) -> None:
+    """An uncompressed newc archive owned by root: the guest kernel need not decompress it.
+    It holds ``names`` (paths relative to ``tree``), or else all of ``tree``."""
     cpio = processes.require_tool("cpio", "cpio")
-    names = []
-    for directory, dirs, files in os.walk(tree):  # does not follow symlinked directories
-        rel = Path(directory).relative_to(tree)
-        names += [str(rel / n) for n in [*dirs, *files]]
-    names.sort()
+    if names is None:
+        names = []
+        for directory, dirs, files in os.walk(tree):  # does not follow symlinked directories
+            rel = Path(directory).relative_to(tree)
+            names += [str(rel / n) for n in [*dirs, *files]]
+        names.sort()
     with open(archive, "wb") as out:
         result = subprocess.run(
             [cpio, "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
@@ -300,3 +303,17 @@ def write_cpio(tree: Path, archive: Path) -> None:
         )
     if result.returncode != 0:
         raise BuildError(f"cpio failed: {result.stderr.decode().strip()}")
+
+
+def write_layered(base: Image, layer: Path, out: Path) -> None:
+    """``out`` as ``base`` plus one cpio layer: ``initrd.cpio`` is the base's with ``layer``
+    appended (the kernel unpacks concatenated archives in order, so the layer's files win; the
+    base ends on a 512-byte cpio block), ``kernel`` is the base's (a hard link where it can)."""
+    with open(out / "initrd.cpio", "wb") as handle:
+        for part in (base.initrd, layer):
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, handle, 1 << 20)
+    try:
+        os.link(base.kernel, out / "kernel")
+    except OSError:
+        shutil.copy2(base.kernel, out / "kernel")

@@ -9,7 +9,6 @@ kernel unpacks concatenated archives in order, so the rebuilt ``.ko`` files and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import kbuild, modules
 from kmodtest.prepare.cache import Cache, file_sha256
 from kmodtest.prepare.cells import Cell, DebianSource
-from kmodtest.prepare.images import Image
+from kmodtest.prepare.images import Image, write_cpio, write_layered
 from kmodtest.prepare.keys import artifact_key
 from kmodtest.prepare.ksource import get_sources
 from kmodtest.prepare.modchange import ModuleChange, Workspace, prepare
@@ -37,6 +36,7 @@ MODULE_DEST = "net/netfilter"  # where a module the base image lacks goes
 OVERLAY_CODE = (
     *(f"kmodtest.prepare.{m}" for m in ("overlay", "kbuild", "modchange", "toolchain", "ksource")),
     *("kmodtest.prepare.debian", "kmodtest.prepare.modules"),
+    "kmodtest.prepare.images",  # write_cpio, write_layered
     "kmodtest.flowtable",  # the modules every layer rebuilds
     "kmodtest.arches",  # ARCH=, the toolchain triplet
 )
@@ -214,20 +214,8 @@ def _layer(base: Image, release: str, built: dict[str, Path], out: Path) -> dict
         modules.depmod(root, release)
         names = [*placed.values()]
         names += [str(p.relative_to(root)) for p in sorted((root / moddir).glob("modules.*"))]
-        layer = root / "layer.cpio"
-        with open(layer, "wb") as handle:
-            subprocess.run(
-                [cpio, "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
-                input="\n".join(names).encode(), cwd=root, stdout=handle, check=True,
-            )  # fmt: skip
-        with open(out / "initrd.cpio", "wb") as handle:
-            for part in (base.initrd, layer):  # the base ends on a 512-byte cpio block
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, handle, 1 << 20)
-    try:
-        os.link(base.kernel, out / "kernel")
-    except OSError:
-        shutil.copy2(base.kernel, out / "kernel")
+        write_cpio(root, root / "layer.cpio", names)
+        write_layered(base, root / "layer.cpio", out)
     return placed
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,13 +23,13 @@ from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import debian, modules
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.cells import Cell
-from kmodtest.prepare.images import Image, write_cpio
+from kmodtest.prepare.images import Image, write_cpio, write_layered
 from kmodtest.prepare.kernels import kernel_source_for
 from kmodtest.prepare.keys import artifact_key
 from kmodtest.progress import Progress
 
 TOOLS_LAYOUT = 1
-TOOLS_CODE = ("kmodtest.prepare.tools", "kmodtest.prepare.debian", "kmodtest.prepare.modules")
+TOOLS_CODE = tuple(f"kmodtest.prepare.{m}" for m in ("tools", "debian", "modules", "images"))
 # left out of the layer: what a command line never reads, and the kernel package's own tree
 # (only the closure of the wanted modules goes in)
 DROP = ("boot", "usr/lib/modules", "lib/modules", "usr/share/doc", "usr/share/man",
@@ -135,14 +134,7 @@ class ToolsLayer:
                         (kernel / "lib").symlink_to("usr/lib")
                     placed = self._modules(base, tools, kernel, staging)
             write_cpio(staging, work / "layer.cpio")
-            with open(out / "initrd.cpio", "wb") as handle:
-                for part in (base.initrd, work / "layer.cpio"):
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, handle, 1 << 20)
-        try:
-            os.link(base.kernel, out / "kernel")
-        except OSError:
-            shutil.copy2(base.kernel, out / "kernel")
+            write_layered(base, work / "layer.cpio", out)
         manifest: dict[str, Any] = dict(base.manifest)
         manifest.update(
             initrd_bytes=(out / "initrd.cpio").stat().st_size,
