@@ -17,14 +17,12 @@ import inspect
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kmodtest import processes
 from kmodtest.arches import get_arch, host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import kbuild, modules
@@ -32,6 +30,7 @@ from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kbuild import MAX_JOBS
 from kmodtest.prepare.kconfig import fragment, unmet
 from kmodtest.prepare.keys import artifact_key, read_index, write_index
+from kmodtest.prepare.ksource import extract_source, source_tarball
 from kmodtest.prepare.modchange import ModuleChange, prepare
 from kmodtest.prepare.toolchain import (
     KernelPackages,
@@ -49,7 +48,12 @@ KERNEL_TOOLS = (
 )  # fmt: skip
 SRC = "/src"
 # the code that fetches and unpacks a Debian kernel tree: its key covers it
-TREE_CODE = (__name__, "kmodtest.prepare.toolchain", "kmodtest.prepare.debian")
+TREE_CODE = (
+    __name__,
+    "kmodtest.prepare.ksource",
+    "kmodtest.prepare.toolchain",
+    "kmodtest.prepare.debian",
+)
 OBJ = "/build/obj"  # where the build tree is in the chroot: kbuild records this path in it
 KERNEL_BUILD_LAYOUT = 1
 # what external module builds do not need from a finished build tree (~90 % of its size)
@@ -100,14 +104,9 @@ def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bo
         key = artifact_key({"input": in_key, "versions": versions}, ())
 
         def build(out: Path) -> None:
-            tarballs = sorted((tree.root / "usr/src").glob("linux-source-*.tar.*"))
-            if not tarballs:
-                raise BuildError(f"linux-source of {suite} has no usr/src/linux-source-*.tar.*")
-            tar = processes.require_tool("tar", "tar")
-            (out / "tree").mkdir()
-            with progress.step(f"unpacking {tarballs[0].name} (full tree)"):
-                subprocess.run([tar, "-xf", str(tarballs[0]), "-C", str(out / "tree"),
-                                "--strip-components=1"], check=True)  # fmt: skip
+            tarball = source_tarball(tree.root, f"linux-source of {suite}")
+            with progress.step(f"unpacking {tarball.name} (full tree)"):
+                extract_source(tarball, out / "tree")
             (out / "sources.json").write_text(json.dumps({"suite": suite, **versions}) + "\n")
 
         path = cache.get_or_build("kernel-trees", key, build)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,39 +38,60 @@ class KernelSources:
 
 
 def get_sources(cache: Cache, kernel: KernelPackages, progress: Progress) -> KernelSources:
+    root = cached_source_paths(cache, "sources", kernel, KEPT, SOURCES_LAYOUT, progress)
+    return KernelSources(root, kernel.source_package, kernel.version)
+
+
+def cached_source_paths(
+    cache: Cache,
+    kind: str,
+    kernel: KernelPackages,
+    kept: Sequence[str],
+    layout: int,
+    progress: Progress,
+) -> Path:
+    """The ``kept`` paths of ``kernel``'s linux-source package, fetched and cut out once per
+    version into the cache's ``kind`` (``layout``: bump when what is kept changes shape)."""
     pin = f"{kernel.source_package}={kernel.version}"
-    inputs = {"layout": SOURCES_LAYOUT, "kept": KEPT, "package": pin, "suite": kernel.suite,
+    inputs = {"layout": layout, "kept": list(kept), "package": pin, "suite": kernel.suite,
               "apt_options": list(kernel.apt_options)}  # fmt: skip
     key = artifact_key(inputs, (__name__, *CHROOT_CODE))
 
     def build(out: Path) -> None:
-        with progress.step(f"sources {pin} ({', '.join(KEPT)})"):
+        with progress.step(f"{kind} of {pin} ({', '.join(kept)})"):
             start = time.monotonic()
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".src-") as tmp:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{kind}-") as tmp:
                 # the package is arch: all; fetch it with the host's arch, no emulation needed
                 tree = fetch_packages(kernel, [pin], Path(tmp), progress)
-                tarballs = sorted((tree.root / "usr/src").glob("linux-source-*.tar.*"))
-                if not tarballs:
-                    raise BuildError(
-                        f"{kernel.source_package} has no usr/src/linux-source-*.tar.*",
-                        "check the package contents; the module loop expects Debian's layout",
-                    )
-                progress.detail(f"extracting {', '.join(KEPT)} from {tarballs[0].name}")
-                _extract(tarballs[0], out / "tree")
+                tarball = source_tarball(tree.root, kernel.source_package)
+                progress.detail(f"extracting {', '.join(kept)} from {tarball.name}")
+                extract_source(tarball, out / "tree", kept)
             meta = {"package": kernel.source_package, "version": kernel.version,
                     "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
             (out / "sources.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    path = cache.get_or_build("sources", key, build)
-    return KernelSources(path / "tree", kernel.source_package, kernel.version)
+    return cache.get_or_build(kind, key, build) / "tree"
 
 
-def _extract(tarball: Path, dest: Path) -> None:
-    """Only the kept paths: ``tar`` still has to decompress everything (~30 s, once)."""
+def source_tarball(root: Path, package: str) -> Path:
+    """The ``linux-source-<x.y>.tar.*`` that Debian's linux-source ``package``, unpacked at
+    ``root``, holds under ``usr/src``."""
+    tarballs = sorted((root / "usr/src").glob("linux-source-*.tar.*"))
+    if not tarballs:
+        raise BuildError(
+            f"{package} has no usr/src/linux-source-*.tar.*",
+            "check the package contents; kmodtest expects Debian's layout",
+        )
+    return tarballs[0]
+
+
+def extract_source(tarball: Path, dest: Path, kept: Sequence[str] = ()) -> None:
+    """The tree's top directory into ``dest``: only the ``kept`` paths when given (``tar``
+    still has to decompress everything, ~30 s), else all of it (~1.5 GB)."""
     tar = processes.require_tool("tar", "tar")
     dest.mkdir(parents=True)
     top = tarball.name.split(".tar")[0]  # linux-source-6.12
-    wanted = [f"{top}/{p}" for p in KEPT]
+    wanted = [f"{top}/{p}" for p in kept]
     result = subprocess.run(
         [tar, "-xf", str(tarball), "-C", str(dest), "--strip-components=1", *wanted],
         capture_output=True,
