@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -23,8 +24,18 @@ from kmodtest.progress import Progress
 console = Console()
 
 
-def _add_selectors(parser: argparse.ArgumentParser) -> None:
+def _cells_command(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+) -> argparse.ArgumentParser:
+    """A subcommand over the cells its selectors pick (``--kernel``/``--arch``/``--nic``, the
+    directories): it runs ``func``."""
+    parser = sub.add_parser(name, help=help)
     options.add_to_argparse(parser, [*options.SELECTORS, *options.DIRS, "openwrt_mirror"])
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _select(args: argparse.Namespace, default_all: bool = True) -> tuple[Matrix, list[Cell]]:
@@ -237,17 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "guest console")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("cells", help="list the matrix cells")
-    _add_selectors(p)
-    p.set_defaults(func=cmd_cells)
+    _cells_command(sub, "cells", cmd_cells, "list the matrix cells")
 
     p = sub.add_parser("fetch", help="download, verify and prepare OpenWrt cells' images")
     p.add_argument("cells", nargs="*", help="cell ids (default: every OpenWrt cell)")
     options.add_to_argparse(p, [*options.DIRS, "openwrt_mirror"])
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("matrix", help="print the selected cells as GitHub Actions matrix JSON")
-    _add_selectors(p)
+    p = _cells_command(
+        sub, "matrix", cmd_matrix, "print the selected cells as GitHub Actions matrix JSON"
+    )
     p.add_argument("--ci", action="store_true", help="only cells marked ci: true")
     p.add_argument("--workflow", choices=("vmtests", "nightly"), default="vmtests",
                    help="only cells whose `workflow:` is this (default: vmtests)")  # fmt: skip
@@ -257,15 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--openwrt", choices=("all", "ci", "none"), default="all",
         help="OpenWrt cells: all, only those marked ci: true, or none (default: all)",
     )  # fmt: skip
-    p.set_defaults(func=cmd_matrix)
 
-    p = sub.add_parser("build", help="build (or reuse) the images of the selected cells")
-    _add_selectors(p)
+    p = _cells_command(sub, "build", cmd_build, "build (or reuse) the images of the selected cells")
     p.add_argument("--refresh", action="store_true", help="re-resolve package versions")
-    p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("bench", help="measure build, boot, command round trip and reset times")
-    _add_selectors(p)
+    p = _cells_command(
+        sub, "bench", cmd_bench, "measure build, boot, command round trip and reset times"
+    )
     p.add_argument("--boots", type=int, default=3, help="boots to time (default: 3)")
     p.add_argument("--commands", type=int, default=100,
                    help="agent round trips to time (default: 100)")  # fmt: skip
@@ -273,41 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network resets between tests to time (default: 20)")  # fmt: skip
     p.add_argument("--no-cold", action="store_true", help="skip the cold image build")
     options.add_to_argparse(p, ["accel", "qemu", "backend", "libvirt_uri"])
-    p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser(
+    p = _cells_command(
+        sub,
         "bench-boot",
-        help="boot to first command, cold and restored from a saved state, next to "
+        cmd_bench_boot,
+        "boot to first command, cold and restored from a saved state, next to "
         "virtme-ng's on the same kernel (alternating, medians, ratios)",
     )
-    _add_selectors(p)
     p.add_argument("--rounds", type=int, default=5, help="rounds of cold, restored, virtme-ng")
     options.add_to_argparse(p, ["accel", "qemu"])
-    p.set_defaults(func=cmd_bench_boot)
 
-    p = sub.add_parser(
+    p = _cells_command(
+        sub,
         "bench-matrix",
-        help="run the suite on the selected cells serially and with -n N; compare wall time, "
+        cmd_bench_matrix,
+        "run the suite on the selected cells serially and with -n N; compare wall time, "
         "outcomes and boot time per arch",
     )
-    _add_selectors(p)
     p.add_argument("--workers", type=_workers, default=[1, 2],
                    help="comma-separated pytest -n values, 1 = serial (default: 1,2)")  # fmt: skip
     p.add_argument("--out", default="bench-matrix", help="JUnit XML and logs go here")
     p.add_argument("--tests", nargs="+", default=["vmtests/"], help="what pytest runs")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="after --: passed to pytest as is")  # fmt: skip
-    p.set_defaults(func=cmd_bench_matrix)
 
-    p = sub.add_parser(
+    p = _cells_command(
+        sub,
         "bench-offload",
-        help="TCP throughput and ping RTT under load, with and without the flowtable, per cell",
+        cmd_bench_offload,
+        "TCP throughput and ping RTT under load, with and without the flowtable, per cell",
     )
-    _add_selectors(p)
     p.add_argument("--megabytes", type=int, default=32, help="size of the throughput transfer")
     p.add_argument("--pings", type=int, default=40, help="pings while the bulk transfer runs")
     options.add_to_argparse(p, ["accel", "qemu"])
-    p.set_defaults(func=cmd_bench_offload)
 
     p = sub.add_parser("cache", help="what the cache holds; prune what nothing points to")
     p.add_argument("action", nargs="?", choices=("list", "prune"), default="list",
