@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kmodtest.prepare.cache import Cache, default_cache_dir
-from kmodtest.prepare.kernelbuild import lookup_kernel
+from kmodtest.prepare.kernelbuild import KernelSpec, lookup_kernel
 
 DATA = Path(__file__).parent / "data"
 USE_AFTER_FREE = DATA / "flowtable-use-after-free.patch"
@@ -39,7 +39,8 @@ def _run(repo: Path, argv: list[str], timeout: float = 3600) -> subprocess.Compl
 def debug_kernel():
     cache = Cache(default_cache_dir())
     tree = cache.path("kernel-trees", f"linux-source-{SUITE}") / "tree"
-    built = lookup_kernel(cache, tree, "x86_64", SUITE, debug=True) if tree.is_dir() else None
+    spec = KernelSpec(tree, "x86_64", SUITE, debug=True)
+    built = lookup_kernel(cache, spec) if tree.is_dir() else None
     if built is None:
         pytest.skip(f"the debug kernel is not built yet: run `{BUILD}` (cached; see README)")
     return built

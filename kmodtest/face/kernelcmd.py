@@ -11,6 +11,7 @@ from kmodtest.errors import ConfigError
 from kmodtest.face import options
 from kmodtest.prepare.cache import Cache
 from kmodtest.prepare.kernelbuild import (
+    KernelSpec,
     build_kernel,
     cached_kernel,
     debian_source_tree,
@@ -58,7 +59,8 @@ def cmd_kernel_build(args: argparse.Namespace) -> int:
     out = args.out.absolute()
     if args.debian_source:
         source = debian_source_tree(cache, args.debian_source, progress, args.refresh)
-        built = cached_kernel(cache, source, args.arch, args.suite, progress, args.jobs, args.debug)
+        spec = KernelSpec(source, args.arch, args.suite, args.debug)
+        built = cached_kernel(cache, spec, progress, args.jobs)
         if args.module_patch:
             change = ModuleChange(patch=args.module_patch.absolute())
             rebuild_modules(cache, built, change, out / "modules", progress)
@@ -74,9 +76,8 @@ def cmd_kernel_build(args: argparse.Namespace) -> int:
         source = args.source.absolute()
         if not source.is_dir():
             raise ConfigError(f"{source} does not exist", "pass a Linux source tree")
-        result = build_kernel(
-            cache, source, out, args.arch, args.suite, progress, args.jobs, args.debug
-        )
+        spec = KernelSpec(source, args.arch, args.suite, args.debug)
+        result = build_kernel(cache, spec, out, progress, args.jobs)
     for line in result.unmet:
         console.print(f"[yellow]config: fragment not honoured: {line}[/]", highlight=False)
     for step, seconds in result.seconds.items():

@@ -73,6 +73,17 @@ class KernelBuild:
     suite: str = "trixie"
 
 
+@dataclass(frozen=True)
+class KernelSpec:
+    """What names a kernel build: the tree, the arch, the suite whose toolchain compiles it and
+    whether the fragment's debug checkers are on (``jobs`` only changes how fast)."""
+
+    source: Path
+    arch: str
+    suite: str
+    debug: bool = False
+
+
 def _suite_only(suite: str) -> KernelPackages:
     """Where to fetch build tools and sources from: the suite, for the host's arch."""
     return KernelPackages(suite, host_debian_arch(), "-", "-")
@@ -115,15 +126,9 @@ def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bo
 
 
 def build_kernel(
-    cache: Cache,
-    source: Path,
-    out: Path,
-    arch: str,
-    suite: str,
-    progress: Progress,
-    jobs: int | None = None,
-    debug: bool = False,
+    cache: Cache, spec: KernelSpec, out: Path, progress: Progress, jobs: int | None = None
 ) -> KernelBuild:
+    source, arch, suite, debug = spec.source, spec.arch, spec.suite, spec.debug
     k = get_arch(arch).kbuild
     if not (source / "Makefile").is_file() or not (source / "Kconfig").is_file():
         raise ConfigError(f"{source} is not a Linux source tree", "pass the top of the tree")
@@ -191,11 +196,11 @@ def _tree_identity(source: Path) -> dict[str, str]:
     return json.loads(meta.read_text()) if meta.is_file() else {"path": str(source.absolute())}
 
 
-def _kernel_key(source: Path, arch: str, suite: str, debug: bool) -> str:
-    inputs = {"layout": KERNEL_BUILD_LAYOUT, "tree": _tree_identity(source), "arch": arch,
-              "kbuild": asdict(get_arch(arch).kbuild), "suite": suite,
-              "fragment": fragment(arch, debug), "tools": KERNEL_TOOLS, "trim": _OBJ_WASTE,
-              "build_kernel": inspect.getsource(build_kernel)}  # fmt: skip
+def _kernel_key(spec: KernelSpec) -> str:
+    inputs = {"layout": KERNEL_BUILD_LAYOUT, "tree": _tree_identity(spec.source),
+              "arch": spec.arch, "kbuild": asdict(get_arch(spec.arch).kbuild), "suite": spec.suite,
+              "fragment": fragment(spec.arch, spec.debug), "tools": KERNEL_TOOLS,
+              "trim": _OBJ_WASTE, "build_kernel": inspect.getsource(build_kernel)}  # fmt: skip
     # what the build reads (the fragment's text, the arch's kbuild record, build_kernel's code),
     # not whole modules: an unrelated edit to arches.py, nics.py or the rest of this module must
     # not throw away a debug kernel that takes one to two hours to compile on 2 cores
@@ -203,18 +208,12 @@ def _kernel_key(source: Path, arch: str, suite: str, debug: bool) -> str:
 
 
 def cached_kernel(
-    cache: Cache,
-    source: Path,
-    arch: str,
-    suite: str,
-    progress: Progress,
-    jobs: int | None = None,
-    debug: bool = False,
+    cache: Cache, spec: KernelSpec, progress: Progress, jobs: int | None = None
 ) -> KernelBuild:
     """``build_kernel`` once per (tree, arch, suite, fragment, code), with its build tree."""
 
     def build(out: Path) -> None:
-        result = build_kernel(cache, source, out, arch, suite, progress, jobs, debug)
+        result = build_kernel(cache, spec, out, progress, jobs)
         with progress.step("kernel build: trimming the build tree for module builds"):
             for pattern in _OBJ_WASTE:
                 for path in (out / "obj").rglob(pattern):
@@ -222,23 +221,21 @@ def cached_kernel(
                         path.unlink()
         (out / "obj" / ".kmodtest-trimmed").write_text(result.release + "\n")
 
-    path = cache.get_or_build("kernel-builds", _kernel_key(source, arch, suite, debug), build)
-    return _cached(path, source, suite)
+    path = cache.get_or_build("kernel-builds", _kernel_key(spec), build)
+    return _cached(path, spec)
 
 
-def lookup_kernel(
-    cache: Cache, source: Path, arch: str, suite: str, debug: bool = False
-) -> KernelBuild | None:
+def lookup_kernel(cache: Cache, spec: KernelSpec) -> KernelBuild | None:
     """The cached build :func:`cached_kernel` would return, or None (never builds)."""
-    path = cache.path("kernel-builds", _kernel_key(source, arch, suite, debug))
-    return _cached(path, source, suite) if (path / "kernel.json").is_file() else None
+    path = cache.path("kernel-builds", _kernel_key(spec))
+    return _cached(path, spec) if (path / "kernel.json").is_file() else None
 
 
-def _cached(path: Path, source: Path, suite: str) -> KernelBuild:
+def _cached(path: Path, spec: KernelSpec) -> KernelBuild:
     meta = json.loads((path / "kernel.json").read_text())
     return KernelBuild(
         path / meta["image"], path / "modules", meta["release"], meta["seconds"], meta["unmet"],
-        meta["debug"], path / "obj", source, suite,
+        meta["debug"], path / "obj", spec.source, spec.suite,
     )  # fmt: skip
 
 
