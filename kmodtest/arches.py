@@ -35,11 +35,21 @@ class KernelBuild:
     karch: str  # ARCH=
     image: str  # make target, and arch/<karch>/boot/<image>
     kconfig: tuple[str, ...]  # CONFIG_ lines on top of the suite's common fragment
-    cross: str = ""  # CROSS_COMPILE= on an amd64 host ('' = native)
-    cross_package: str = ""  # Debian package with that cross compiler ('' = none needed)
     # GNU triplet of Debian's toolchain for the arch: its binutils and versioned gccs are
     # <triplet>-<tool> on every host (the module loop's CROSS_COMPILE, native or cross)
     triplet: str = ""
+    cross: bool = False  # ``kmodtest kernel build`` on an amd64 host needs the cross gcc
+
+    @property
+    def cross_compile(self) -> str:
+        """CROSS_COMPILE= of ``kmodtest kernel build`` ('' = native)."""
+        return f"{self.triplet}-" if self.cross else ""
+
+    def gcc_package(self, major: str = "") -> str:
+        """Debian's gcc for the triplet (``gcc-aarch64-linux-gnu``), or one version of it
+        (``gcc-14-aarch64-linux-gnu``); package names spell the triplet's '_' as '-'."""
+        version = f"{major}-" if major else ""
+        return f"gcc-{version}{self.triplet.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -124,8 +134,7 @@ ARCHES: dict[str, Arch] = {
             kbuild=KernelBuild(
                 karch="arm64",
                 triplet="aarch64-linux-gnu",
-                cross="aarch64-linux-gnu-",
-                cross_package="gcc-aarch64-linux-gnu",
+                cross=True,
                 image="Image",
                 kconfig=_lines(f"{_ARM_VIRT_KCONFIG} CONFIG_ARM_GIC_V3=y"),
             ),
@@ -146,8 +155,7 @@ ARCHES: dict[str, Arch] = {
             kbuild=KernelBuild(
                 karch="arm",
                 triplet="arm-linux-gnueabihf",
-                cross="arm-linux-gnueabihf-",
-                cross_package="gcc-arm-linux-gnueabihf",
+                cross=True,
                 image="zImage",
                 kconfig=_lines(f"CONFIG_ARCH_VIRT=y CONFIG_ARM_LPAE=y {_ARM_VIRT_KCONFIG}"),
             ),

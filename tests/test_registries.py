@@ -32,7 +32,7 @@ FAKE_ARCH = Arch(
     name="riscv64", debian="riscv64", qemu_binary="qemu-system-riscv64",
     qemu_package="qemu-system-misc", machine="virt", cpu="rv64", console="ttyS9",
     kbuild=KernelBuild(karch="riscv", image="Image", kconfig=("CONFIG_FAKE_ARCH_SERIAL=y",),
-                       cross="riscv64-linux-gnu-", cross_package="gcc-riscv64-linux-gnu"),
+                       triplet="riscv64-linux-gnu", cross=True),
     uname=("riscv64",), kvm_hosts=("riscv64",),
 )  # fmt: skip
 

@@ -140,7 +140,7 @@ def build_kernel(
     jobs = jobs or min(MAX_JOBS, os.cpu_count() or 1)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    tools = [*KERNEL_TOOLS, *([k.cross_package] if k.cross_package else [])]
+    tools = [*KERNEL_TOOLS, *([k.gcc_package()] if k.cross else [])]
     chroot = _chroot(cache, suite, tools, progress)
     timings["toolchain chroot"] = time.monotonic() - start
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def build_kernel(
     log.write_text("")
     make = ["make", "-C", SRC, "O=/build/obj", f"ARCH={k.karch}"]
     if k.cross:
-        make.append(f"CROSS_COMPILE={k.cross}")
+        make.append(f"CROSS_COMPILE={k.cross_compile}")
     binds = [(source.absolute(), SRC)]
 
     def run(title: str, argv: list[str]) -> None:

@@ -298,7 +298,7 @@ def get_cross_toolchain(cache: Cache, kernel: KernelPackages, progress: Progress
     major = _gcc_major(cc)
     meta = json.loads((headers.parent / "headers.json").read_text())
     host = replace(kernel, debian_arch=host_debian_arch())
-    gcc_package = cross_gcc_package(arch, major)
+    gcc_package = arch.kbuild.gcc_package(major)
     packages = [gcc_package, *meta["host_packages"], *BUILD_TOOLS]
     root = get_chroot(
         cache, host, packages,
@@ -322,11 +322,6 @@ def module_loop_arch(debian_arch: str) -> Arch:
             "add kbuild.triplet to its record in kmodtest/arches.py",
         )
     return arch
-
-
-def cross_gcc_package(arch: Arch, major: str) -> str:
-    """Debian's package of ``<triplet>-gcc-<major>``: ``gcc-14-aarch64-linux-gnu``."""
-    return f"gcc-{major}-{arch.kbuild.triplet.replace('_', '-')}"
 
 
 def target_headers_key(kernel: KernelPackages) -> str:
