@@ -41,9 +41,14 @@ class KernelBuild:
     cross: bool = False  # ``kmodtest kernel build`` on an amd64 host needs the cross gcc
 
     @property
+    def tool_prefix(self) -> str:
+        """What names Debian's tools for the arch: ``aarch64-linux-gnu-`` (gcc-14, ld, strip)."""
+        return f"{self.triplet}-"
+
+    @property
     def cross_compile(self) -> str:
         """CROSS_COMPILE= of ``kmodtest kernel build`` ('' = native)."""
-        return f"{self.triplet}-" if self.cross else ""
+        return self.tool_prefix if self.cross else ""
 
     def gcc_package(self, major: str = "") -> str:
         """Debian's gcc for the triplet (``gcc-aarch64-linux-gnu``), or one version of it

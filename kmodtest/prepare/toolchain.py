@@ -141,7 +141,7 @@ class Toolchain:
     def binutils_prefix(self) -> str:
         """Debian's unprefixed binutils (``ld``, ``strip``) are not always installed (sid's
         headers pull only ``binutils-x86-64-linux-gnu``): the prefixed ones always are."""
-        return f"{self.arch.kbuild.triplet}-"
+        return self.arch.kbuild.tool_prefix
 
     @property
     def strip(self) -> str:
@@ -304,7 +304,7 @@ def get_cross_toolchain(cache: Cache, kernel: KernelPackages, progress: Progress
         cache, host, packages,
         f"cross toolchain chroot for {kernel.release} ({kernel.suite}, gcc-{major})", progress,
     )  # fmt: skip
-    cross_cc = f"{arch.kbuild.triplet}-gcc-{major}"
+    cross_cc = f"{arch.kbuild.tool_prefix}gcc-{major}"
     if not (root / "usr/bin" / cross_cc).exists():
         raise BuildError(
             f"{gcc_package} installed no /usr/bin/{cross_cc}",
