@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kmodtest.prepare.cache import Cache, default_cache_dir
-from kmodtest.prepare.kernelbuild import KernelSpec, lookup_kernel
+from kmodtest.prepare.kernelbuild import KernelSpec, cached_source_tree, lookup_kernel
 
 DATA = Path(__file__).parent / "data"
 USE_AFTER_FREE = DATA / "flowtable-use-after-free.patch"
@@ -38,9 +38,8 @@ def _run(repo: Path, argv: list[str], timeout: float = 3600) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def debug_kernel():
     cache = Cache(default_cache_dir())
-    tree = cache.path("kernel-trees", f"linux-source-{SUITE}") / "tree"
-    spec = KernelSpec(tree, "x86_64", SUITE, debug=True)
-    built = lookup_kernel(cache, spec) if tree.is_dir() else None
+    tree = cached_source_tree(cache, SUITE)
+    built = lookup_kernel(cache, KernelSpec(tree, "x86_64", SUITE, debug=True)) if tree else None
     if built is None:
         pytest.skip(f"the debug kernel is not built yet: run `{BUILD}` (cached; see README)")
     return built

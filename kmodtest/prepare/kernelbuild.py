@@ -94,6 +94,13 @@ def tree_input_key(suite: str) -> str:
     return artifact_key({"suite": suite, **_suite_only(suite).key_material()}, TREE_CODE)
 
 
+def cached_source_tree(cache: Cache, suite: str) -> Path | None:
+    """The tree :func:`debian_source_tree` last unpacked for ``suite``, or None (never fetches)."""
+    entry = read_index(cache.path("kernel-trees", f"{tree_input_key(suite)}.json"))
+    tree = cache.path("kernel-trees", entry["key"]) / "tree" if entry else None
+    return tree if tree is not None and tree.is_dir() else None
+
+
 def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bool = False) -> Path:
     """The full tree of ``suite``'s ``linux-source`` (cached, ~1.5 GB unpacked).
 
@@ -103,9 +110,8 @@ def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bo
     where = _suite_only(suite)
     in_key = tree_input_key(suite)
     index = cache.path("kernel-trees", f"{in_key}.json")
-    entry = read_index(index)
-    if entry and not refresh and (cache.path("kernel-trees", entry["key"]) / "tree").is_dir():
-        return cache.path("kernel-trees", entry["key"]) / "tree"
+    if not refresh and (found := cached_source_tree(cache, suite)):
+        return found
     work_parent = cache.root / "work"
     work_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"linux-source-{suite}.", dir=work_parent) as work:
