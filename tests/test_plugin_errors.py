@@ -82,3 +82,12 @@ def test_plugin_stays_out_of_non_kmodtest_trees(pytester):
     pytester.makepyfile(test_plain="def test_ok():\n    assert True\n")
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_boot_timeout_must_be_positive_seconds(pytester, repo, value):
+    result = run(pytester, repo, f"--boot-timeout={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*--boot-timeout '{value}' is not a positive number of seconds*", "*fix: e.g.*"]
+    )

@@ -174,6 +174,7 @@ def _pool(args: argparse.Namespace, network: bool) -> tuple[RouterPool, VmCase]:
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
         backend=settings.backend, libvirt_uri=settings.libvirt_uri, configure_network=network,
+        boot_timeout=settings.boot_timeout,
     )  # fmt: skip
     return pool, VmCase(cell, nic)
 
@@ -350,8 +351,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def _lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="show image builds and stream the guest console to stderr")  # fmt: skip
-    names = ["kernel", "nic", "accel", "qemu", "backend", "libvirt_uri", "icount", "log_dir",
-             "keep_logs"]  # fmt: skip
+    names = ["kernel", "nic", "accel", "qemu", "backend", "libvirt_uri", "icount",
+             "boot_timeout", "log_dir", "keep_logs"]  # fmt: skip
     options.add_to_argparse(p, [*names, "refresh_images", *options.DIRS])
     p.add_argument("--package", action="append", metavar="PKG[,PKG...]",
                    help="Debian packages (of the cell's suite) to add to the image, as a cached "

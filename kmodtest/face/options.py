@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from kmodtest.errors import ConfigError
+from kmodtest.guest.boot import BOOT_TIMEOUT
 from kmodtest.prepare.cache import default_cache_dir
 from kmodtest.run.emulator import QEMU_CHOICES
 from kmodtest.run.launcher import BACKENDS
@@ -68,6 +69,10 @@ OPTIONS: dict[str, Option] = {
         Option("passthrough", "--passthrough", "host NICs (PCI addresses) for a vfio-pci case "
                "on the selected cells: the router's lan/wan ports and the client/server ports "
                "cabled to them", metavar="lan=PCI,client=PCI,wan=PCI,server=PCI"),
+        Option("boot_timeout", "--boot-timeout", "seconds a VM may take to come up: until its "
+               "agent answers, and again for the test network's set-up (default: "
+               f"{BOOT_TIMEOUT:g}; a router nested in a TCG guest needs ~1200)",
+               default=BOOT_TIMEOUT, metavar="SECONDS"),
         Option("icount", "--icount", "TCG: -icount shift=0,sleep=off (guest time follows "
                "instructions)", default=False, switch=True),
         Option("no_snapshots", "--no-snapshots", "boot every VM cold instead of restoring a "
@@ -134,6 +139,7 @@ class Settings:
     backend: str | None
     libvirt_uri: str | None
     passthrough: str | None
+    boot_timeout: float
     icount: bool
     no_snapshots: bool
     keep_logs: bool
@@ -170,6 +176,7 @@ class Settings:
             backend=value["backend"],
             libvirt_uri=value["libvirt_uri"],
             passthrough=value["passthrough"],
+            boot_timeout=_seconds(value["boot_timeout"], OPTIONS["boot_timeout"].flag),
             icount=bool(value["icount"]),
             no_snapshots=bool(value["no_snapshots"]),
             keep_logs=bool(value["keep_logs"]),
@@ -212,6 +219,18 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         return cls.resolve(lambda name: getattr(args, name, None), Path.cwd())
+
+
+def _seconds(value: str | float, flag: str) -> float:
+    """A positive number of seconds, or a clear error naming the option."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{flag} {value!r} is not a positive number of seconds",
+                          f"e.g. {flag} 1200")  # fmt: skip
+    return seconds
 
 
 def _data_dir(given: str | Path | None, root: Path, name: str) -> Path:

@@ -122,6 +122,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
     pool = RouterPool(
         images, log_root, accel=settings.accel, icount=settings.icount,
         backend=settings.backend, libvirt_uri=settings.libvirt_uri, detachable=keep,
+        boot_timeout=settings.boot_timeout,
         # a module change (--module-patch/--module-src) is a new image each time: its saved
         # state would be used by one run and kept for nothing
         snapshots=None if settings.no_snapshots or images.overlay else Snapshots(cache),

@@ -42,11 +42,11 @@ class OpenWrtNetwork:
     stand_in: bool = False
     endpoints_role: str = ENDPOINTS
 
-    def setup(self, guests: Mapping[str, GuestVM]) -> None:
+    def setup(self, guests: Mapping[str, GuestVM], timeout: float) -> None:
         script = plain_router_script if self.stand_in else uci_router_script
-        guests[ROUTER].check(script(self.topology), timeout=NETWORK_TIMEOUT)
-        guests[ENDPOINTS].check(self.topology.setup_script(router=False), timeout=NETWORK_TIMEOUT)
-        guests[ROUTER].check(self._router_reset(), timeout=NETWORK_TIMEOUT)
+        guests[ROUTER].check(script(self.topology), timeout=timeout)
+        guests[ENDPOINTS].check(self.topology.setup_script(router=False), timeout=timeout)
+        guests[ROUTER].check(self._router_reset(), timeout=timeout)
 
     def reset(self, guests: Mapping[str, GuestVM]) -> None:
         """The router: fw4 stopped, no rules, forwarding on, links up; the endpoints as in one

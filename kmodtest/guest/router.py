@@ -35,7 +35,9 @@ class Network(Protocol):
     topology: Topology
     endpoints_role: str  # the guest that runs the client and server
 
-    def setup(self, guests: Mapping[str, GuestVM]) -> None: ...
+    def setup(self, guests: Mapping[str, GuestVM], timeout: float) -> None:
+        """After boot; each guest's set-up may take ``timeout`` s (the boot timeout: a slow
+        host that needs a longer boot needs a longer set-up too)."""
 
     def reset(self, guests: Mapping[str, GuestVM]) -> None: ...
 
@@ -47,8 +49,8 @@ class OneVmNetwork:
     topology: Topology
     endpoints_role: str = ROUTER
 
-    def setup(self, guests: Mapping[str, GuestVM]) -> None:
-        guests[ROUTER].check(self.topology.setup_script(), timeout=NETWORK_TIMEOUT)
+    def setup(self, guests: Mapping[str, GuestVM], timeout: float) -> None:
+        guests[ROUTER].check(self.topology.setup_script(), timeout=timeout)
 
     def reset(self, guests: Mapping[str, GuestVM]) -> None:
         """Flush ruleset and conntrack, restore links, addresses and routes."""
@@ -64,9 +66,9 @@ class TwoVmNetwork:
     topology: Topology
     endpoints_role: str = ENDPOINTS
 
-    def setup(self, guests: Mapping[str, GuestVM]) -> None:
-        guests[ROUTER].check(self.topology.setup_script(endpoints=False), timeout=NETWORK_TIMEOUT)
-        guests[ENDPOINTS].check(self.topology.setup_script(router=False), timeout=NETWORK_TIMEOUT)
+    def setup(self, guests: Mapping[str, GuestVM], timeout: float) -> None:
+        guests[ROUTER].check(self.topology.setup_script(endpoints=False), timeout=timeout)
+        guests[ENDPOINTS].check(self.topology.setup_script(router=False), timeout=timeout)
 
     def reset(self, guests: Mapping[str, GuestVM]) -> None:
         guests[ROUTER].check(self.topology.reset_script(endpoints=False), timeout=NETWORK_TIMEOUT)

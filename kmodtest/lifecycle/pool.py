@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodtest.guest.boot import BOOT_TIMEOUT
 from kmodtest.guest.health import HealthProblem
 from kmodtest.guest.router import Router
 from kmodtest.lifecycle.case import VmCase
@@ -30,6 +31,7 @@ class RouterPool:
     log_root: Path
     accel: str = "auto"  # what the user asked for; per arch it becomes kvm or tcg
     icount: bool = False
+    boot_timeout: float = BOOT_TIMEOUT  # --boot-timeout
     backend: str | None = None  # --backend; None: the cell's backend:, else qemu
     libvirt_uri: str | None = None
     snapshots: Snapshots | None = None  # saved lab states; None: every VM boots cold
@@ -66,7 +68,7 @@ class RouterPool:
             self.strategies[case.key] = CaseStrategy(
                 case, self.images, self.launcher_for(case.cell), self.accel_for(case.cell).accel,
                 log_dir=lambda: self._next_log_dir(case), icount=self.icount,
-                snapshots=self.snapshots,
+                boot_timeout=self.boot_timeout, snapshots=self.snapshots,
                 configure_network=self.configure_network,
             )  # fmt: skip
         return self.strategies[case.key]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodtest.errors import ChannelError, KmodtestError, MachineError
+from kmodtest.errors import ChannelError, CommandTimeout, KmodtestError, MachineError
 from kmodtest.guest.boot import BOOT_TIMEOUT, connect_restored
 from kmodtest.guest.health import HealthProblem
 from kmodtest.guest.router import Router
@@ -225,7 +225,8 @@ class CaseStrategy:
                     f"{spec.name} did not come up{restored}: {exc.problem}"
                     f"{death_note(machine, self.launcher.name)}",
                     f"see {spec.console_log} and the {self.launcher.name} log in {spec.log_dir}"
-                    + ("; --no-snapshots boots without saved states" if restored else ""),
+                    + ("; --no-snapshots boots without saved states" if restored else "")
+                    + self._slow_boot_hint(exc),
                 ) from None
             guest = GuestVM.connected(spec, machine, channel, time.monotonic() - launched.at)
             guests[launched.node.role] = guest
@@ -237,14 +238,21 @@ class CaseStrategy:
     def _network(self) -> None:
         router = self._held()
         try:
-            router.network.setup(router.guests)
+            router.network.setup(router.guests, self.boot_timeout)
         except (ChannelError, MachineError) as exc:
             raise MachineError(
                 f"{router.name} did not come up: {exc.problem}"
                 f"{death_note(router.vm.machine, self.launcher.name)}",
-                f"see {router.console_log}",
+                f"see {router.console_log}{self._slow_boot_hint(exc)}",
             ) from None
         self.state = State.NETWORK_CONFIGURED
+
+    def _slow_boot_hint(self, exc: KmodtestError) -> str:
+        """A boot step that ran out of time on a slow (e.g. nested TCG) host is no fault:
+        name the option that gives it more."""
+        if not isinstance(exc, CommandTimeout):
+            return ""
+        return f"; a guest still busy may need more than --boot-timeout {self.boot_timeout:g}"
 
     def _resync_clock(self) -> None:
         """A restored guest's wall clock is the saved one's: set it to the host's. (Its
