@@ -236,7 +236,7 @@ class CaseStrategy:
         self.state = State.CHANNEL_UP
 
     def _network(self) -> None:
-        router = self._held()
+        router, began = self._held(), time.monotonic()
         try:
             router.network.setup(router.guests, self.boot_timeout)
         except (ChannelError, MachineError) as exc:
@@ -245,6 +245,7 @@ class CaseStrategy:
                 f"{death_note(router.vm.machine, self.launcher.name)}",
                 f"see {router.console_log}{self._slow_boot_hint(exc)}",
             ) from None
+        log.info("%s: test network set up in %.2f s", router.name, time.monotonic() - began)
         self.state = State.NETWORK_CONFIGURED
 
     def _slow_boot_hint(self, exc: KmodtestError) -> str:
