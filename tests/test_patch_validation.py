@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 
 from kmodtest.errors import ConfigError
-from kmodtest.face.validate import CellVerdict, exit_code
+from kmodtest.face.options import packaged
+from kmodtest.face.validate import CellVerdict, _prebuild, exit_code
 from kmodtest.guest.modload import parse
 from kmodtest.prepare.cache import Cache, default_cache_dir
-from kmodtest.prepare.cells import Cell, load_matrix
+from kmodtest.prepare.cells import Cell, load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import Image, ImageBuilder
 from kmodtest.prepare.kbuild import (
     BuildEnvironmentError,
@@ -155,6 +156,18 @@ def test_a_table_of_skips_proves_nothing_and_exits_non_zero(capsys):
     passed = CellVerdict("debian-y-amd64", passed=3)
     assert exit_code([*skipped, passed]) == 0
     assert exit_code([passed, CellVerdict("debian-z-amd64", passed=2, failed=1)]) == 1
+
+
+def test_a_local_kernel_not_built_yet_is_a_skip_not_a_failure(tmp_path):
+    """`validate --kernel all` with the debug cell unbuilt: SKIP naming the build command (it
+    was a FAIL, so a clean patch exited 1)."""
+    unbuilt = [c for c in load_matrix(packaged("kernels")).cells if unbuilt_local_kernel(c)]
+    cell = unbuilt[0] if unbuilt else None
+    if cell is None:
+        pytest.skip("every local-kernel cell's kernel is built on this machine")
+    verdict = CellVerdict(cell.id)
+    assert not _prebuild(cell, None, None, verdict)  # never reaches the builders
+    assert verdict.verdict == "SKIP" and "kmodtest kernel build" in verdict.problem
 
 
 def test_cross_build_takes_kbuild_and_host_tools_from_the_target_headers_depends():

@@ -24,7 +24,7 @@ from kmodtest.errors import ConfigError, KmodtestError
 from kmodtest.face import options
 from kmodtest.face.patching import CASE_ARG, CELL_PROPERTY, LOAD_FAILURE_PROPERTY
 from kmodtest.prepare.cache import Cache
-from kmodtest.prepare.cells import Cell, load_matrix
+from kmodtest.prepare.cells import Cell, load_matrix, unbuilt_local_kernel
 from kmodtest.prepare.images import ImageBuilder
 from kmodtest.prepare.modchange import ModuleChange
 from kmodtest.prepare.overlay import OverlayBuilder, OverlayTimings, cross_build_skip
@@ -152,7 +152,7 @@ def _prebuild(
     cell: Cell, builder: ImageBuilder, overlay: OverlayBuilder, verdict: CellVerdict
 ) -> bool:
     """Base image and overlay before pytest starts, so build errors are verdicts, not errors."""
-    if why := cross_build_skip(cell):
+    if why := cross_build_skip(cell) or unbuilt_local_kernel(cell):  # the debug cell, unbuilt
         verdict.problem = f"skipped: {why}"
         return False
     try:
