@@ -78,6 +78,9 @@ class Arch:
     # the guest gets ACPI tables (QEMU's default on x86; libvirt needs <acpi/> for the guest
     # to power off, and refuses it on arm without UEFI)
     acpi: bool = False
+    # emulated CPUs per VM (-smp): under TCG each is a host thread (multi-threaded TCG), so
+    # this is also how many host cores one VM can use; measured in README "Benchmarks"
+    smp: int = 1
     extra_args: tuple[str, ...] = field(default=())
 
 

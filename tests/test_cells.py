@@ -107,3 +107,23 @@ def test_append_reaches_the_kernel_command_line(tmp_path):
     a, b = load_matrix(write(tmp_path, text)).select("all")
     assert kernel_cmdline(a).endswith(" e1000e.IntMode=1")
     assert kernel_cmdline(b).startswith("console=ttyAMA0 ") and "IntMode" not in kernel_cmdline(b)
+
+
+def test_smp_comes_from_the_arch_unless_the_cell_says_and_reaches_the_machine(tmp_path):
+    from kmodtest.guest.boot import cell_machine
+
+    text = GOOD.replace("    default: true\n", "    default: true\n    smp: 2\n")
+    a, b = load_matrix(write(tmp_path, text)).select("all")
+    assert (a.smp, b.smp) == (2, b.arch.smp)
+
+    machines = [
+        cell_machine(
+            c, "vm", (), tmp_path, tmp_path, "tcg", False, kernel=None, initrd=None, cmdline=None
+        )  # fmt: skip
+        for c in (a, b)
+    ]
+    assert [m.smp for m in machines] == [2, b.arch.smp]
+    with pytest.raises(ConfigError, match="smp"):
+        load_matrix(
+            write(tmp_path, GOOD.replace("    default: true\n", "    smp: 0\n    default: true\n"))
+        )

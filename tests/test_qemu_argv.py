@@ -86,6 +86,17 @@ def test_kvm_uses_host_cpu_and_icount_only_under_tcg(tmp_path):
     assert "shift=0,sleep=off" in qemu_argv(spec(tmp_path, icount=True))
 
 
+def test_more_than_one_cpu_asks_for_multi_threaded_tcg_except_under_icount(tmp_path):
+    def accel_and_smp(**kw: object) -> list[str]:
+        argv = qemu_argv(spec(tmp_path, **kw))
+        return [argv[argv.index("-accel") + 1], argv[argv.index("-smp") + 1]]
+
+    assert accel_and_smp(smp=2) == ["tcg,thread=multi", "2"]
+    assert accel_and_smp(smp=1) == ["tcg", "1"]
+    assert accel_and_smp(smp=2, icount=True) == ["tcg", "2"]  # -icount needs one TCG thread
+    assert accel_and_smp(smp=2, accel="kvm") == ["kvm", "2"]
+
+
 def test_arm64_uses_its_own_binary_machine_and_console(tmp_path):
     argv = qemu_argv(spec(tmp_path, arch="arm64"))
     assert argv[0] == "qemu-system-aarch64"

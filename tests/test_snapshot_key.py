@@ -41,6 +41,7 @@ def test_the_key_changes_with_the_machine_the_image_and_the_network(tmp_path):
         dataclasses.replace(base, initrd=Path("/cache/images/k2/initrd.cpio")),
         dataclasses.replace(base, cmdline="console=ttyS0 quiet"),
         dataclasses.replace(base, accel="kvm"),
+        dataclasses.replace(base, smp=2),
     ]
     assert len({key, *(snapshots.key(o, network) for o in others)}) == 1 + len(others)
     assert snapshots.key(base, OneVmNetwork(Topology("virtio-net-pci"))) != key

@@ -2,7 +2,7 @@
 
 Each round runs, one after another on the same kernel image: a cold boot of the case (no saved
 state), a restore of its saved state, and ``vng --run <kernel> --disable-kvm --force-9p --cpus
-1 -- true`` (virtme-ng, the tool kernel developers use; one emulated CPU, like ours).
+N -- true`` (virtme-ng, the tool kernel developers use; as many emulated CPUs as ours).
 Alternating them round by round (A B C A B C ...) spreads the machine's load over all three;
 the table gives medians and the ratios to virtme-ng's. Ours is timed from QEMU's start to the
 agent's first answer; virtme-ng's is the whole command (it runs ``true`` and powers off),
@@ -52,9 +52,15 @@ from kmodtest.run.emulator import choose_qemu
 console = Console()
 VNG_TIMEOUT = 300.0
 VNG_ARGS = ("--run",)
-# one emulated CPU, as our VMs have (vng's default is one per host core): like for like, and
-# within the one VM slot of a bench run
-VNG_OPTIONS = ("--disable-kvm", "--force-9p", "--cpus", "1")
+VNG_OPTIONS = ("--disable-kvm", "--force-9p")
+
+
+def vng_options(cell: Cell) -> tuple[str, ...]:
+    """vng gets as many emulated CPUs as the cell's VMs (its default is one per host core):
+    like for like."""
+    return (*VNG_OPTIONS, "--cpus", str(cell.smp))
+
+
 # where virtme-ng's guest init looks for udevd on the host's root (see the docstring)
 UDEVD = (Path("/lib/systemd/systemd-udevd"), Path("/usr/lib/systemd/systemd-udevd"))
 
@@ -87,13 +93,13 @@ def vng_kernel(cell: Cell, image: Image, builder: ImageBuilder) -> Path:
     return kernel
 
 
-def _vng_seconds(vng: str, kernel: Path, log: Path) -> float:
+def _vng_seconds(vng: str, kernel: Path, options: tuple[str, ...], log: Path) -> float:
     # vng runs its siblings (virtme-run) through the shell: its directory goes first on PATH
     env = {**os.environ, "PATH": f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.perf_counter()
     with open(log, "ab") as out:
         proc = processes.spawn(
-            [vng, *VNG_ARGS, str(kernel), *VNG_OPTIONS, "--", "true"],
+            [vng, *VNG_ARGS, str(kernel), *options, "--", "true"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         try:
@@ -152,7 +158,8 @@ def _bench_cell(
                 times[f"{name} ready"].append(ready)
             if vng is not None and not vng_failed:
                 try:
-                    times["vng"].append(_vng_seconds(vng, kernel, logs / "vng.log"))
+                    seconds = _vng_seconds(vng, kernel, vng_options(cell), logs / "vng.log")
+                    times["vng"].append(seconds)
                 except VngFailed as exc:
                     vng_failed = str(exc)
     finally:
@@ -178,7 +185,7 @@ def _bench_cell(
     if vng_failed:
         table.add_row(cell.id, "virtme-ng", "failed", "", "", vng_failed)
     elif times["vng"]:
-        row(f"virtme-ng: vng --run KERNEL {' '.join(VNG_OPTIONS)} -- true", "vng")
+        row(f"virtme-ng: vng --run KERNEL {' '.join(vng_options(cell))} -- true", "vng")
     else:
         table.add_row(cell.id, "virtme-ng", "not installed", "", "",
                       "pip install virtme-ng (into this venv) for the comparison")  # fmt: skip

@@ -48,6 +48,7 @@ def cell_machine(
         arch=cell.arch,
         machine=cell.machine,
         cpu=cell.cpu,
+        smp=cell.smp,
         memory_mb=cell.spec.memory_mb,
         kernel=kernel,
         initrd=initrd,

@@ -150,6 +150,7 @@ class CellSpec(_Strict):
     nics: tuple[str, ...] = ("virtio-net-pci",)
     machine: str | None = None  # override the arch's QEMU machine
     cpu: str | None = None  # override the arch's QEMU cpu
+    smp: int | None = Field(default=None, ge=1, le=8)  # override the arch's emulated CPUs per VM
     append: str = ""  # extra kernel command-line arguments, e.g. a driver's module option
     backend: Literal["qemu", "libvirt"] | None = None  # how VMs start (default: --backend)
     passthrough: PassthroughSpec | None = None  # adds a vfio-pci case on these host NICs
@@ -223,6 +224,10 @@ class Cell:
     @property
     def cpu(self) -> str:
         return self.spec.cpu or self.arch.cpu
+
+    @property
+    def smp(self) -> int:
+        return self.spec.smp or self.arch.smp
 
     @property
     def nic_cases(self) -> tuple[str, ...]:

@@ -26,6 +26,15 @@ def option_path(path: object) -> str:
     return str(path).replace(",", ",,")
 
 
+def accel_option(spec: MachineSpec) -> str:
+    """``-accel``'s value: TCG with more than one CPU says multi-threaded TCG (one host thread
+    per emulated CPU; QEMU 7.2's default on x86_64, arm64 and armhf guests, said so it does not
+    depend on it), except under -icount, which needs one thread for all CPUs."""
+    if spec.accel == "tcg" and spec.smp > 1 and not spec.icount:
+        return "tcg,thread=multi"
+    return spec.accel
+
+
 def qemu_argv(
     spec: MachineSpec, binary: str | None = None, incoming_fd: int | None = None
 ) -> list[str]:
@@ -38,7 +47,7 @@ def qemu_argv(
         "-name", spec.name,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-machine", spec.machine,
-        "-accel", spec.accel,
+        "-accel", accel_option(spec),
         "-cpu", "host" if spec.accel == "kvm" else spec.cpu,
         "-smp", str(spec.smp),
         "-m", str(spec.memory_mb),
