@@ -119,7 +119,7 @@ def test_smp_comes_from_the_arch_unless_the_cell_says_and_reaches_the_machine(tm
     machines = [
         cell_machine(
             c, "vm", (), tmp_path, tmp_path, "tcg", False, kernel=None, initrd=None, cmdline=None
-        )  # fmt: skip
+        )
         for c in (a, b)
     ]
     assert [m.smp for m in machines] == [2, b.arch.smp]
