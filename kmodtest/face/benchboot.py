@@ -3,8 +3,9 @@
 Each round runs, one after another on the same kernel image: a cold boot of the case (no saved
 state), a restore of its saved state, and ``vng --run <kernel> --disable-kvm --force-9p --cpus
 N -- true`` (virtme-ng, the tool kernel developers use; as many emulated CPUs as ours).
-Alternating them round by round (A B C A B C ...) spreads the machine's load over all three;
-the table gives medians and the ratios to virtme-ng's. Ours is timed from QEMU's start to the
+Alternating them round by round (A B C A B C ...) spreads the machine's load over all three,
+and with several cells every round runs each cell in turn; the table gives medians and the
+ratios to virtme-ng's. Ours is timed from QEMU's start to the
 agent's first answer; virtme-ng's is the whole command (it runs ``true`` and powers off),
 measured the way a user waits for it.
 
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -49,7 +52,8 @@ from kmodtest.progress import Progress
 from kmodtest.run.accel import choose_accel
 from kmodtest.run.emulator import choose_qemu
 
-console = Console()
+# read in logs and pipes too, where rich would assume 80 columns and wrap every cell
+console = Console() if Console().is_terminal else Console(width=200)
 VNG_TIMEOUT = 300.0
 VNG_ARGS = ("--run",)
 VNG_OPTIONS = ("--disable-kvm", "--force-9p")
@@ -63,6 +67,9 @@ def vng_options(cell: Cell) -> tuple[str, ...]:
 
 # where virtme-ng's guest init looks for udevd on the host's root (see the docstring)
 UDEVD = (Path("/lib/systemd/systemd-udevd"), Path("/usr/lib/systemd/systemd-udevd"))
+
+
+FIGURES = ("cold", "cold ready", "restored", "restored ready", "vng")
 
 
 def find_vng() -> str | None:
@@ -128,73 +135,115 @@ def _ours(pool: RouterPool, case: VmCase) -> tuple[float, float]:
     return router.boot_seconds, ready
 
 
-def _bench_cell(
-    args: argparse.Namespace, cell: Cell, builder: ImageBuilder, table: Table, logs: Path
-) -> None:
-    settings = Settings.from_args(args)
-    choose_qemu([cell.arch], settings.qemu, builder.cache, Progress())
-    accel = choose_accel(cell.arch, settings.accel).accel
-    image = builder.get(cell)
-    wanted = args.nic.split(",") if args.nic else cell.spec.nics
-    case = VmCase(cell, next(n for n in cell.spec.nics if n in wanted))
-    cold = RouterPool(Images(builder), logs / "cold", accel=accel)
-    warm = RouterPool(Images(builder), logs / "restored", accel=accel,
-                      snapshots=Snapshots(builder.cache))  # fmt: skip
-    vng = find_vng()
-    vng_failed = ""
-    if vng is not None:
-        try:
-            kernel = vng_kernel(cell, image, builder)
-        except VngFailed as exc:
-            vng_failed = str(exc)
-    times: dict[str, list[float]] = {"cold": [], "cold ready": [], "restored": [],
-                                     "restored ready": [], "vng": []}  # fmt: skip
-    try:
-        _ours(warm, case)  # the saved state exists before the first timed round
-        for _ in range(args.rounds):
-            for name, pool in (("cold", cold), ("restored", warm)):
-                first, ready = _ours(pool, case)
-                times[name].append(first)
-                times[f"{name} ready"].append(ready)
-            if vng is not None and not vng_failed:
-                try:
-                    seconds = _vng_seconds(vng, kernel, vng_options(cell), logs / "vng.log")
-                    times["vng"].append(seconds)
-                except VngFailed as exc:
-                    vng_failed = str(exc)
-    finally:
-        cold.close()
-        warm.close()
-    if vng_failed:  # no ratios against a partial set of runs
-        times["vng"].clear()
+@dataclass
+class _CellBench:
+    """One cell's figures: its case, two pools (cold and restored) and virtme-ng, if it can
+    be compared there."""
 
-    def median(name: str) -> float:
-        return statistics.median(times[name])
+    cell: Cell
+    case: VmCase
+    image: Image
+    accel: str
+    cold: RouterPool
+    warm: RouterPool
+    vng: str | None
+    kernel: Path | None = None
+    vng_failed: str = ""
+    times: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in FIGURES})
 
-    def row(figure: str, name: str, target: str = "") -> None:
-        ratio = f"{median(name) / median('vng'):.2f}x" if times["vng"] else ""
-        spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
-        table.add_row(cell.id, figure, f"{median(name):.2f} s", spread, ratio, target)
+    @classmethod
+    def open(
+        cls, args: argparse.Namespace, cell: Cell, builder: ImageBuilder, logs: Path
+    ) -> _CellBench:
+        settings = Settings.from_args(args)
+        choose_qemu([cell.arch], settings.qemu, builder.cache, Progress())
+        accel = choose_accel(cell.arch, settings.accel).accel
+        image = builder.get(cell)
+        wanted = args.nic.split(",") if args.nic else cell.spec.nics
+        case = VmCase(cell, next(n for n in cell.spec.nics if n in wanted))
+        logs = logs / cell.id
+        cold = RouterPool(Images(builder), logs / "cold", accel=accel)
+        warm = RouterPool(Images(builder), logs / "restored", accel=accel,
+                          snapshots=Snapshots(builder.cache))  # fmt: skip
+        bench = cls(cell, case, image, accel, cold, warm, find_vng())
+        if bench.vng is not None:
+            try:
+                bench.kernel = vng_kernel(cell, image, builder)
+            except VngFailed as exc:
+                bench.vng_failed = str(exc)
+        return bench
 
-    table.add_row(cell.id, f"case {case.name}, kernel {image.kernel_version}, {accel}",
-                  f"{args.rounds} rounds", "", "", "")  # fmt: skip
-    row("cold boot to first command", "cold", "<= 1.0x")
-    row("cold boot to ready for a test (network set up)", "cold ready")
-    row("restore to first command", "restored", "<= 1 s, <= 0.3x")
-    row("restore to ready for a test (clock set)", "restored ready")
-    if vng_failed:
-        table.add_row(cell.id, "virtme-ng", "failed", "", "", vng_failed)
-    elif times["vng"]:
-        row(f"virtme-ng: vng --run KERNEL {' '.join(vng_options(cell))} -- true", "vng")
-    else:
-        table.add_row(cell.id, "virtme-ng", "not installed", "", "",
-                      "pip install virtme-ng (into this venv) for the comparison")  # fmt: skip
+    def prepare(self) -> None:
+        """Make sure the saved state exists before the first timed round."""
+        _ours(self.warm, self.case)
+
+    def round(self, logs: Path) -> None:
+        for name, pool in (("cold", self.cold), ("restored", self.warm)):
+            first, ready = _ours(pool, self.case)
+            self.times[name].append(first)
+            self.times[f"{name} ready"].append(ready)
+        if self.vng is not None and self.kernel is not None and not self.vng_failed:
+            try:
+                log = logs / f"vng-{self.cell.id}.log"
+                seconds = _vng_seconds(self.vng, self.kernel, vng_options(self.cell), log)
+                self.times["vng"].append(seconds)
+            except VngFailed as exc:
+                self.vng_failed = str(exc)
+
+    def close(self) -> None:
+        self.cold.close()
+        self.warm.close()
+
+    def rows(self, table: Table, rounds: int) -> None:
+        times = self.times
+        if self.vng_failed:  # no ratios against a partial set of runs
+            times["vng"].clear()
+        cell = self.cell
+
+        def median(name: str) -> float:
+            return statistics.median(times[name])
+
+        def row(figure: str, name: str, target: str = "") -> None:
+            ratio = f"{median(name) / median('vng'):.2f}x" if times["vng"] else ""
+            rounds = " ".join(f"{t:.2f}" for t in times[name])
+            table.add_row(cell.id, figure, f"{median(name):.2f} s", rounds, ratio, target)
+
+        table.add_row(
+            cell.id,
+            f"case {self.case.name}, kernel {self.image.kernel_version}, {self.accel}, "
+            f"machine {cell.machine}, cpu {cell.cpu}, smp {cell.smp}"
+            + (f", append {cell.spec.append}" if cell.spec.append else ""),
+            f"{rounds} rounds", "", "", "",
+        )  # fmt: skip
+        row("cold boot to first command", "cold", "<= 1.0x")
+        row("cold boot to ready for a test (network set up)", "cold ready")
+        row("restore to first command", "restored", "<= 1 s, <= 0.3x")
+        row("restore to ready for a test (clock set)", "restored ready")
+        if self.vng_failed:
+            table.add_row(cell.id, "virtme-ng", "failed", "", "", self.vng_failed)
+        elif times["vng"]:
+            row(f"virtme-ng: vng --run KERNEL {' '.join(vng_options(cell))} -- true", "vng")
+        else:
+            table.add_row(cell.id, "virtme-ng", "not installed", "", "",
+                          "pip install virtme-ng (into this venv) for the comparison")  # fmt: skip
 
 
 def run_bench_boot(args: argparse.Namespace, cells: list[Cell], builder: ImageBuilder) -> int:
-    table = Table("cell", "figure", "median", "min-max", "vs virtme-ng", "target")
-    with tempfile.TemporaryDirectory(prefix="kmodtest-bench-boot-") as tmp:
+    """Round by round, every cell in turn (A B A B ...), so that the machine's load falls
+    on all of them alike: the way to compare machine variants of one kernel (cells of a
+    ``--kernels-dir`` that differ in ``machine``, ``cpu``, ``smp`` or ``append``)."""
+    table = Table("cell", "figure", "median", "each round", "vs virtme-ng", "target")
+    with tempfile.TemporaryDirectory(prefix="kmodtest-bench-boot-") as tmp, ExitStack() as stack:
+        benches = []
         for cell in cells:
-            _bench_cell(args, cell, builder, table, Path(tmp))
+            bench = _CellBench.open(args, cell, builder, Path(tmp))
+            stack.callback(bench.close)
+            bench.prepare()
+            benches.append(bench)
+        for _ in range(args.rounds):
+            for bench in benches:
+                bench.round(Path(tmp))
+        for bench in benches:
+            bench.rows(table, args.rounds)
     console.print(table)
     return 0
