@@ -76,7 +76,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"{' '.join(QUICK_TESTS)} on {QUICK_NIC}, two offload cases: the ~2 min loop",
+        help=f"{' '.join(QUICK_TESTS)} on {QUICK_NIC}, two offload cases: "
+        "the ~25 s loop (default cell, 2 cores)",
     )
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("--timings", action="store_true", help="print where the time went")
