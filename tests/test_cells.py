@@ -107,6 +107,8 @@ def test_append_reaches_the_kernel_command_line(tmp_path):
     a, b = load_matrix(write(tmp_path, text)).select("all")
     assert kernel_cmdline(a).endswith(" e1000e.IntMode=1")
     assert kernel_cmdline(b).startswith("console=ttyAMA0 ") and "IntMode" not in kernel_cmdline(b)
+    # the arch's own arguments: x86 boots without ACPI (measured faster), arm has none
+    assert " acpi=off " in kernel_cmdline(a) and "acpi" not in kernel_cmdline(b)
 
 
 def test_smp_comes_from_the_arch_unless_the_cell_says_and_reaches_the_machine(tmp_path):

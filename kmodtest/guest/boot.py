@@ -28,12 +28,13 @@ def kernel_cmdline(cell: Cell) -> str:
     # WARNING/BUG/Oops splats, which the health check reads from the console log.
     # printk.devkmsg=on: the health check's console sync lines (/dev/kmsg) are never
     # rate-limited away. cryptomgr.notests and mitigations=off cut boot and syscall time under
-    # TCG; neither changes what netfilter does.
+    # TCG; neither changes what netfilter does. Then the arch's own (x86: acpi=off), then the
+    # cell's ``append``, last so that it can override either.
     base = (
         f"console={cell.arch.console} panic=-1 loglevel=5 rdinit=/init printk.devkmsg=on "
         "cryptomgr.notests mitigations=off"
     )
-    return f"{base} {cell.spec.append}".strip()
+    return " ".join(part for part in (base, cell.arch.cmdline, cell.spec.append) if part)
 
 
 def cell_machine(
