@@ -137,7 +137,9 @@ def test_x86_e1000_golden():
 
 def test_a_debian_qemu_is_named_as_the_domains_emulator(monkeypatch):
     script = "/cache/qemu/k/bin/qemu-system-x86_64"
-    choice = emulator.QemuChoice("x86_64", script, "Debian trixie 1:10.0", "older host QEMU")
+    choice = emulator.QemuChoice(
+        "x86_64", "qemu-system-x86_64", script, "Debian trixie 1:10.0", "older host QEMU"
+    )
     monkeypatch.setattr(emulator, "_chosen", {"x86_64": choice})
     assert ET.fromstring(render(spec())).findtext("devices/emulator") == script
 

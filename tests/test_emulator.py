@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 from kmodtest.arches import ARCHES
 from kmodtest.errors import ConfigError
 from kmodtest.guest.topology import Topology
-from kmodtest.prepare.qemu import DebianQemu, get_debian_qemu
+from kmodtest.prepare.cache import Cache
+from kmodtest.prepare.qemu import INHERITED_ENV, DebianQemu, get_debian_qemu
 from kmodtest.progress import Progress
 from kmodtest.run import emulator
 from kmodtest.run.devices import qemu_devices
@@ -115,3 +118,22 @@ def test_four_igbs_fit_one_machine(kmodtest_session, tmp_path):
         assert argv0 == b"qemu-system-x86_64"
         return
     pytest.fail(f"QEMU exited with {proc.returncode}: {out}")
+
+
+def test_a_record_naming_another_binary_keeps_it(host_qemu_version):
+    host_qemu_version("7.2.22")
+    emulator.choose_qemu([X86], "auto", None, Progress(quiet=True))
+    other = dataclasses.replace(X86, qemu_binary="qemu-system-kt-missing")
+    assert emulator.qemu_binary(other) == "qemu-system-kt-missing"
+
+
+def test_a_child_run_reuses_its_parents_entry_instead_of_unpacking_its_own(
+    kmodtest_session, tmp_path
+):
+    """Inner runs with a cache of their own (the fault tests, validate's pytest) would each
+    unpack ~475 MB; the parent's entry, named in the environment, is the same content."""
+    parent = get_debian_qemu(kmodtest_session.cache, Progress(quiet=True))
+    assert os.environ[INHERITED_ENV] == str(parent.bin_dir.parent)
+    empty = Cache(tmp_path / "child-cache")
+    child = get_debian_qemu(empty, Progress(quiet=True))
+    assert child.bin_dir == parent.bin_dir and not (tmp_path / "child-cache" / "qemu").exists()

@@ -142,10 +142,22 @@ class AgentChannel:
                 if not self.alive():
                     raise ChannelError("QEMU exited while a command was running")
                 continue
-            if not chunk:
+            if not chunk:  # end of the socket: QEMU closed it, most often because it is dying
+                if self._exits_within(2.0):
+                    raise ChannelError("QEMU exited while a command was running")
                 raise ChannelError("agent channel closed by QEMU")
             self._buf += chunk
             return
+
+    def _exits_within(self, seconds: float) -> bool:
+        """Whether QEMU is gone within ``seconds``: a killed process closes its sockets before
+        its parent can see it exit."""
+        end = time.monotonic() + seconds
+        while self.alive():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _read_line(self, deadline: float, command: str) -> str:
         while (end := self._buf.find(b"\n")) < 0:

@@ -32,6 +32,7 @@ QEMU_MODULE_PACKAGES = ("qemu-system-modules-opengl", "qemu-system-modules-spice
 QEMU_LAYOUT = 2
 QEMU_CODE = ("kmodtest.prepare.qemu", "kmodtest.prepare.debian")
 MANIFEST = "qemu.json"
+INHERITED_ENV = "KMODTEST_DEBIAN_QEMU"  # the entry this process uses, for its children
 
 _WRAPPER = """#!/bin/bash
 # {binary} from Debian {suite} ({version}), unpacked by kmodtest (kmodtest/prepare/qemu.py):
@@ -103,7 +104,15 @@ def get_debian_qemu(cache: Cache, progress: Progress) -> DebianQemu:
             manifest = {"suite": QEMU_SUITE, "version": version, "packages": tree.versions}
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    entry = cache.get_or_build("qemu", _key(host), build)
+    key = _key(host)
+    # an entry another cache already holds (a parent run's, handed down in the environment) is
+    # the same content: reuse it instead of unpacking ~475 MB again into this cache
+    inherited = Path(os.environ.get(INHERITED_ENV, "/nonexistent"))
+    if inherited.name == key and (inherited / MANIFEST).is_file():
+        entry = inherited
+    else:
+        entry = cache.get_or_build("qemu", key, build)
+    os.environ[INHERITED_ENV] = str(entry)  # for child runs: inner pytest, validate, workers
     manifest = json.loads((entry / MANIFEST).read_text())
     return DebianQemu(entry / "bin", manifest["suite"], manifest["version"])
 

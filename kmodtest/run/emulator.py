@@ -35,6 +35,7 @@ MIN_HOST_QEMU = (8, 0)
 @dataclass(frozen=True)
 class QemuChoice:
     arch: str
+    binary: str  # the arch record's binary name this choice stands for
     command: str  # a name on PATH (the host's) or the Debian entry's script
     origin: str  # for the run's header: "host 8.2.2", "Debian trixie 1:10.0.13+ds-0+deb13u1"
     reason: str
@@ -46,7 +47,8 @@ _chosen: dict[str, QemuChoice] = {}
 def qemu_binary(arch: Arch) -> str:
     """The QEMU command for ``arch`` in this process."""
     choice = _chosen.get(arch.name)
-    return choice.command if choice else arch.qemu_binary
+    # a record that names another binary (a test's, a user's variant) keeps its own
+    return choice.command if choice and choice.binary == arch.qemu_binary else arch.qemu_binary
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -79,11 +81,12 @@ def choose_qemu(
         if why is None:
             path = shutil.which(arch.qemu_binary)
             origin = f"host {qemu_version(path)}" if path else "host (not installed)"
-            choice = QemuChoice(arch.name, arch.qemu_binary, origin, f"--qemu {requested}")
+            choice = QemuChoice(arch.name, arch.qemu_binary, arch.qemu_binary, origin,
+                                f"--qemu {requested}")  # fmt: skip
         else:
             debian = get_debian_qemu(cache, progress)
             origin = f"Debian {debian.suite} {debian.version}"
-            choice = QemuChoice(arch.name, str(debian.binary(arch)), origin, why)
+            choice = QemuChoice(arch.name, arch.qemu_binary, str(debian.binary(arch)), origin, why)
         _chosen[arch.name] = choice
         log.info("QEMU for %s: %s (%s)", arch.name, choice.origin, choice.reason)
         choices.append(choice)
