@@ -57,9 +57,11 @@ class StreamedCommand:
     def start(self) -> None:
         self.directory = f"{STATE_DIR}/{time.time_ns()}-{next(_ids)}"
         d = self.directory
-        # the agent's environment (shadows: iproute2's ip, kmod's modprobe ...), its own session
+        # the agent's environment (shadows: iproute2's ip, kmod's modprobe ...), its own session;
+        # out and err exist before it starts: a first look may come before its shell opened them
         launcher = (
-            f"mkdir -p {d} && printf %b {shell_literal(self.command)} >{d}/cmd && "
+            f"mkdir -p {d} && : >{d}/out && : >{d}/err && "
+            f"printf %b {shell_literal(self.command)} >{d}/cmd && "
             f"setsid /bin/busybox sh -c '. /etc/kmodtest/shadows; ( . {d}/cmd ) </dev/null "
             f">{d}/out 2>{d}/err; echo $? >{d}/rc.new; mv {d}/rc.new {d}/rc' "
             f">/dev/null 2>&1 </dev/null & echo $!"
