@@ -1,7 +1,7 @@
 """A newer QEMU than the host's: Debian's QEMU packages of a newer suite, as a cache entry.
 
 A host on an older distribution (Debian 12's QEMU 7.2) lacks NIC models (igb needs 8.0) and
-has TCG faults that newer releases do not (README, "QEMU"). The packages of
+has TCG faults that newer releases do not (README, "Which QEMU"). The packages of
 :data:`QEMU_SUITE` and their dependencies (its glibc too) are unpacked with mmdebstrap, never
 installed: each ``bin/qemu-system-*`` of the entry is a small script that runs that suite's
 binary through that suite's dynamic loader and libraries, with its own firmware (``-L``) and

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 QEMU_CHOICES = ("auto", "host", "debian")
 # below it, auto takes the Debian QEMU: 7.2 has no igb, and under TCG its x86_64 guests (the
-# 6.12 kernel) die of a corrupted EFLAGS now and then (README, "QEMU")
+# 6.12 kernel) die of a corrupted EFLAGS now and then (README, "Which QEMU")
 MIN_HOST_QEMU = (8, 0)
 
 
