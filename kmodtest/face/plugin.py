@@ -50,6 +50,7 @@ from kmodtest.run.devices import missing_nic
 from kmodtest.run.emulator import choose_qemu, describe, qemu_binary
 from kmodtest.run.libvirt_launcher import DEFAULT_URI
 from kmodtest.run.passthrough import missing_prerequisites
+from kmodtest.run.qemu import require_qemu
 
 CASE_ARG = "vm_case"
 VM_MARK = "kmodtest_vm"
@@ -141,7 +142,7 @@ def _make_session(config: pytest.Config, settings: Settings) -> KmodtestSession:
                 continue
         arch = cell.arch
         try:
-            processes.require_tool(qemu_binary(arch), arch.qemu_package, error=MachineError)
+            require_qemu(arch)
         except MachineError as exc:
             if not broad:
                 raise KmodtestError(f"cell {cell.id}: {exc.problem}", exc.fix) from None

@@ -55,12 +55,10 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
-def _host_problem(arch: Arch) -> str | None:
-    """Why ``auto`` does not take the host's QEMU for ``arch``, or None."""
-    path = shutil.which(arch.qemu_binary)
-    if path is None:  # not replaced behind the user's back: the error names the package
+def _host_problem(arch: Arch, version: str | None) -> str | None:
+    """Why ``auto`` does not take the host's QEMU (``version``, None: not installed), or None."""
+    if version is None:  # not replaced behind the user's back: the error names the package
         return None
-    version = qemu_version(path)
     if _release(version) < MIN_HOST_QEMU:
         wanted = ".".join(map(str, MIN_HOST_QEMU))
         return f"the host's {arch.qemu_binary} is {version}, older than {wanted}"
@@ -75,12 +73,13 @@ def choose_qemu(
         raise ConfigError(f"unknown --qemu {requested!r}", f"use one of {', '.join(QEMU_CHOICES)}")
     choices = []
     for arch in {a.name: a for a in arches}.values():
+        path = shutil.which(arch.qemu_binary)
+        version = qemu_version(path) if path else None
         why = "requested with --qemu debian" if requested == "debian" else None
         if requested == "auto":
-            why = _host_problem(arch)
+            why = _host_problem(arch, version)
         if why is None:
-            path = shutil.which(arch.qemu_binary)
-            origin = f"host {qemu_version(path)}" if path else "host (not installed)"
+            origin = f"host {version}" if version else "host (not installed)"
             choice = QemuChoice(arch.name, arch.qemu_binary, arch.qemu_binary, origin,
                                 f"--qemu {requested}")  # fmt: skip
         else:
@@ -95,6 +94,6 @@ def choose_qemu(
 
 def describe(choice: QemuChoice) -> str:
     """One line for a run's header."""
-    if choice.origin.startswith("host"):
+    if choice.command == choice.binary:  # the host's
         return f"QEMU ({choice.arch}): {choice.origin}"
     return f"QEMU ({choice.arch}): {choice.origin}, unpacked in the cache ({choice.reason})"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodtest import processes
+from kmodtest.arches import Arch
 from kmodtest.errors import MachineError
 from kmodtest.nics import get_nic
 from kmodtest.run.emulator import qemu_binary
@@ -103,11 +104,13 @@ def qemu_argv(
     return argv
 
 
+def require_qemu(arch: Arch, needed_for: str = "") -> str:
+    """The path of this run's QEMU for ``arch``; if absent, a MachineError naming its package."""
+    return processes.require_tool(qemu_binary(arch), arch.qemu_package, needed_for, MachineError)
+
+
 def find_qemu(spec: MachineSpec) -> str:
-    arch = spec.arch
-    return processes.require_tool(
-        qemu_binary(arch), arch.qemu_package, f"{arch.name} cells", MachineError
-    )
+    return require_qemu(spec.arch, f"{spec.arch.name} cells")
 
 
 @dataclass
