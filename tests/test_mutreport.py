@@ -93,18 +93,25 @@ def test_score_counts_crashes_and_timeouts_as_detected_and_ignores_discarded():
     assert _report().score() == pytest.approx(3 / 5)
 
 
-def test_reviewed_equivalent_leaves_the_score_and_names_why(tmp_path):
+def _reviewed(tmp_path: Path, section: str, original: str, why: str) -> Path:
+    """A reviewed list with one drop-call entry of nf_flow_offload_ip_hook on 6.1."""
     listed = tmp_path / "equivalents.yaml"
     listed.write_text(
-        "equivalents:\n"
+        f"{section}:\n"
         "  - file: nf_flow_table_ip.c\n"
         "    function: nf_flow_offload_ip_hook\n"
         "    operator: drop-call\n"
-        "    original: 'skb->mark = 0;'\n"
+        f"    original: '{original}'\n"
         "    replacement: ';'\n"
         "    kernels: ['6.1']\n"
-        "    why: the mark is cleared again before transmit\n"
+        f"    why: {why}\n"
     )
+    return listed
+
+
+def test_reviewed_equivalent_leaves_the_score_and_names_why(tmp_path):
+    listed = _reviewed(tmp_path, "equivalents", "skb->mark = 0;",
+                       "the mark is cleared again before transmit")  # fmt: skip
     report = _report()
     apply_equivalents(report, load_equivalents(listed))
     d = next(m for m in report.mutants if m.id == "d")
@@ -117,17 +124,8 @@ def test_reviewed_equivalent_leaves_the_score_and_names_why(tmp_path):
 
 
 def test_untestable_survivor_stays_in_the_score_and_junit_with_its_reason(tmp_path):
-    listed = tmp_path / "equivalents.yaml"
-    listed.write_text(
-        "untestable:\n"
-        "  - file: nf_flow_table_ip.c\n"
-        "    function: nf_flow_offload_ip_hook\n"
-        "    operator: drop-call\n"
-        "    original: 'x++;'\n"
-        "    replacement: ';'\n"
-        "    kernels: ['6.1']\n"
-        "    why: needs a PPPoE server the image does not have\n"
-    )
+    listed = _reviewed(tmp_path, "untestable", "x++;",
+                       "needs a PPPoE server the image does not have")  # fmt: skip
     report = _report()
     apply_equivalents(report, load_equivalents(listed))
     e = next(m for m in report.mutants if m.id == "e")
