@@ -44,10 +44,14 @@ class Segment:
     endpoint: Port
 
 
+# The client's addresses differ from the router's WAN addresses in their 16-bit one's-complement
+# sums (tests/test_topology.py): masquerade rewrites one into the other, and with equal sums
+# (2001:db8:1::2 and 2001:db8:2::1 have them) the TCP/UDP checksum would come out right even
+# if the router never updated it, so an IPv6 NAT checksum bug could not fail any test.
 LAN = Segment(
     "lan",
     Port("lan", None, "52:54:00:6b:00:01", "192.0.2.1/24", "2001:db8:1::1/64"),
-    Port("eth0", "client", "52:54:00:6b:01:01", "192.0.2.2/24", "2001:db8:1::2/64"),
+    Port("eth0", "client", "52:54:00:6b:01:01", "192.0.2.2/24", "2001:db8:1::20/64"),
 )
 WAN = Segment(
     "wan",
