@@ -4,9 +4,9 @@ planted leak in nf_flow_table (tests/data/flowtable-{use-after-free,leak}.patch)
 On the stock trixie cell each patch passes the offload test unnoticed (the module loop,
 ``kmodtest validate``). On the debug cell (trixie's sources with KASAN, lockdep, kmemleak ...,
 ``kmodtest kernel build --debug``) the same patch, rebuilt against that kernel's build tree,
-fails the same test with the kernel's own report. The debug kernel's compile takes the better
-part of an hour on 2 cores, so these tests use the cached build and are skipped, naming the
-command, until it exists; the nightly debug workflow builds it first.
+fails the same test with the kernel's own report. The debug kernel takes about 7 minutes to
+build on 2 cores (381 s of compile), so these tests use the cached build and are skipped,
+naming the command, until it exists; the nightly debug workflow builds it first.
 """
 
 from __future__ import annotations

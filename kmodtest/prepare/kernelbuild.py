@@ -209,7 +209,7 @@ def _kernel_key(spec: KernelSpec) -> str:
               "trim": _OBJ_WASTE, "build_kernel": inspect.getsource(build_kernel)}  # fmt: skip
     # what the build reads (the fragment's text, the arch's kbuild record, build_kernel's code),
     # not whole modules: an unrelated edit to arches.py, nics.py or the rest of this module must
-    # not throw away a debug kernel that takes one to two hours to compile on 2 cores
+    # not throw away a debug kernel (its compile took 381 s here on 2 cores, 7 min in all)
     return artifact_key(inputs, ())
 
 
