@@ -123,6 +123,21 @@ def test_reviewed_equivalent_leaves_the_score_and_names_why(tmp_path):
     assert other.score() == pytest.approx(3 / 5)
 
 
+def test_an_entry_with_a_line_covers_only_the_mutant_of_that_line(tmp_path):
+    """`||` occurs several times in one function: the review is for one of them."""
+    listed = _reviewed(tmp_path, "equivalents", "||", "that one cannot differ here")
+    listed.write_text(listed.read_text() + "    line: 'dev->addr_len != ETH_ALEN'\n")
+    report = _report()
+    report.mutants = [
+        _result(mid, "survived", original="||", replacement=";", diff=f"-{line}\n+x\n")
+        for mid, line in [("reviewed", "  dev->addr_len != ETH_ALEN || !valid"),
+                          ("other", "  if (!dev || (dev->flags & IFF_LOOPBACK)")]
+    ]  # fmt: skip
+    apply_equivalents(report, load_equivalents(listed))
+    status = {m.id: m.status for m in report.mutants}
+    assert status == {"reviewed": "equivalent", "other": "survived"}
+
+
 def test_untestable_survivor_stays_in_the_score_and_junit_with_its_reason(tmp_path):
     listed = _reviewed(tmp_path, "untestable", "x++;",
                        "needs a PPPoE server the image does not have")  # fmt: skip

@@ -94,6 +94,13 @@ class Equivalent(BaseModel):
     replacement: str
     kernels: tuple[str, ...]  # the x.y series it was reviewed on
     why: str
+    # for an original of one token (`||`, `<`) that a function has more than once: a piece of
+    # the source line reviewed; then only a mutant whose diff removes a line with it matches
+    line: str = ""
+
+    def covers(self, m: MutantResult) -> bool:
+        removed = (x for x in m.diff.splitlines() if x.startswith("-") and not x.startswith("---"))
+        return not self.line or any(self.line in x for x in removed)
 
 
 class EquivalentList(BaseModel):
@@ -120,7 +127,7 @@ def _reviewed(m: MutantResult, entries: tuple[Equivalent, ...], series: str) -> 
             e.operator,
             e.original,
             e.replacement,
-        ) and series in e.kernels:
+        ) and series in e.kernels and e.covers(m):
             return e.why.strip()
     return None
 
