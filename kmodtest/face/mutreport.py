@@ -121,13 +121,9 @@ def load_equivalents(path: Path) -> EquivalentList:
 def _reviewed(m: MutantResult, entries: tuple[Equivalent, ...], series: str) -> str | None:
     """The reason of the entry that matches ``m`` (by text, not line), if one does."""
     for e in entries:
-        if (Path(m.file).name, m.function, m.operator, m.original, m.replacement) == (
-            e.file,
-            e.function,
-            e.operator,
-            e.original,
-            e.replacement,
-        ) and series in e.kernels and e.covers(m):
+        mutant = (Path(m.file).name, m.function, m.operator, m.original, m.replacement)
+        entry = (e.file, e.function, e.operator, e.original, e.replacement)
+        if mutant == entry and series in e.kernels and e.covers(m):
             return e.why.strip()
     return None
 
