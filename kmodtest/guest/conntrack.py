@@ -160,6 +160,9 @@ def the_entry(entries: list[Entry], proto: str, dport: int) -> Entry:
     return found[0]
 
 
+CONNTRACK_SYSCTLS = "net.netfilter.nf_conntrack_"  # nf_conntrack's own (not the flowtable's)
+
+
 def sysctl_path(name: str) -> str:
     return "/proc/sys/" + name.replace(".", "/")
 
@@ -180,6 +183,9 @@ def sysctls(host: testinfra.host.Host, values: dict[str, int | str]) -> Iterator
     are put back even when the block fails. Yields the old values.
     """
     old: dict[str, str] = {}
+    if any(n.startswith(CONNTRACK_SYSCTLS) and not has_sysctl(host, n) for n in values):
+        # they appear when nf_conntrack loads, which a test run alone may not have had yet
+        host.check_output("modprobe nf_conntrack")
     try:
         for name, value in values.items():
             old[name] = read_sysctl(host, name)
