@@ -55,7 +55,11 @@ def test_offload_flag_is_refused_and_ruleset_unchanged(router, nft):
     assert nft.flowtables() == []
 
 
-def test_counter_flag_puts_fast_path_traffic_in_conntrack_counters(router, host, endpoints, nft):
+# each family has its own fast-path function, and each updates the counters itself
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_counter_flag_puts_fast_path_traffic_in_conntrack_counters(
+    router, host, endpoints, nft, family
+):
     """Offloaded packets skip conntrack; only ``counter`` makes the flowtable account them."""
     openwrt = isinstance(router.image, OpenWrtImage)
     seen = {}
@@ -65,7 +69,7 @@ def test_counter_flag_puts_fast_path_traffic_in_conntrack_counters(router, host,
             assert nft.apply(router_ruleset(counter=counter)).rc == 0
             listed = nft.run("list flowtable inet kt ft").stdout
             assert ("counter" in listed) == counter, listed
-            with traffic.open_flow(endpoints, router.topology, "tcp", 4, "up", NBYTES) as t:
+            with traffic.open_flow(endpoints, router.topology, "tcp", family, "up", NBYTES) as t:
                 t.feed()
                 t.wait_received()
                 entry = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
