@@ -63,7 +63,7 @@ def cmd_kernel_build(args: argparse.Namespace) -> int:
         built = cached_kernel(cache, spec, progress, args.jobs)
         if args.module_patch:
             change = ModuleChange(patch=args.module_patch.absolute())
-            rebuild_modules(cache, built, change, out / "modules", progress)
+            rebuild_modules(cache, built, spec.arch, change, out / "modules", progress)
             result = place(built, out, out / "modules")
         else:
             result = place(built, out)

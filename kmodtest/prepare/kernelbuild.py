@@ -55,6 +55,9 @@ TREE_CODE = (
     "kmodtest.prepare.debian",
 )
 OBJ = "/build/obj"  # where the build tree is in the chroot: kbuild records this path in it
+# what modules_install wrote for depmod to read, not rewrite: without modules.builtin,
+# modprobe cannot tell a built-in driver (virtio_pci in the debug kernel) from a missing one
+DEPMOD_INPUTS = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 KERNEL_BUILD_LAYOUT = 1
 # what external module builds do not need from a finished build tree (~90 % of its size)
 _OBJ_WASTE = ("*.o", "*.ko", "*.a", "vmlinux", ".tmp_vmlinux*", "*.mod.c")
@@ -265,14 +268,19 @@ class BuildTreeToolchain(Toolchain):
 
 
 def rebuild_modules(
-    cache: Cache, kernel: KernelBuild, change: ModuleChange, out: Path, progress: Progress
-) -> Path:
-    """``kernel``'s modules tree with the flowtable modules rebuilt with ``change``, in
-    ``out`` (unchanged files are hard links into the cache); returns ``out``."""
+    cache: Cache, kernel: KernelBuild, arch: str, change: ModuleChange, out: Path,
+    progress: Progress,
+) -> Path:  # fmt: skip
+    """``kernel``'s modules tree (built for ``arch``) with the flowtable modules rebuilt with
+    ``change``, in ``out`` (unchanged files are hard links into the cache); returns ``out``."""
     if kernel.obj is None or kernel.source is None:
         raise ConfigError("only a cached kernel build (--debian-source) keeps its build tree")
-    root = _chroot(cache, kernel.suite, KERNEL_TOOLS, progress)
-    toolchain = BuildTreeToolchain(root, kernel.release, "gcc", kernel.source, kernel.obj)
+    k = get_arch(arch).kbuild
+    # the chroot and compiler build_kernel compiled the kernel with
+    root = _chroot(cache, kernel.suite, [*KERNEL_TOOLS, *([k.gcc_package()] if k.cross else [])],
+                   progress)  # fmt: skip
+    toolchain = BuildTreeToolchain(root, kernel.release, f"{k.cross_compile}gcc", get_arch(arch),
+                                   source=kernel.source, obj=kernel.obj)  # fmt: skip
     work = cache.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work, prefix="kernel-modules-") as tmp:
@@ -292,7 +300,8 @@ def rebuild_modules(
             target.unlink(missing_ok=True)  # a hard link into the cache: never write through it
             shutil.copyfile(ko, target)
         for index in moddir.glob("modules.*"):
-            index.unlink()  # hard links too: depmod writes them anew
+            if index.name not in DEPMOD_INPUTS:
+                index.unlink()  # hard links too: depmod writes them anew
         modules.depmod(out, kernel.release)
     return out
 
