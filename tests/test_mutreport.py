@@ -138,6 +138,16 @@ def test_an_entry_with_a_line_covers_only_the_mutant_of_that_line(tmp_path):
     assert status == {"reviewed": "equivalent", "other": "survived"}
 
 
+def test_an_entry_matches_across_tabs_and_line_breaks(tmp_path):
+    """The kernel aligns with tabs and breaks long calls; an entry is written on one line."""
+    listed = _reviewed(tmp_path, "equivalents", "bo->extack = extack;", "no driver writes it")
+    report = _report()
+    report.mutants = [_result("tabbed", "survived", original="bo->extack\t= extack;",
+                              replacement=";\n\n")]  # fmt: skip
+    apply_equivalents(report, load_equivalents(listed))
+    assert report.mutants[0].status == "equivalent"
+
+
 def test_untestable_survivor_stays_in_the_score_and_junit_with_its_reason(tmp_path):
     listed = _reviewed(tmp_path, "untestable", "x++;",
                        "needs a PPPoE server the image does not have")  # fmt: skip

@@ -118,11 +118,18 @@ def load_equivalents(path: Path) -> EquivalentList:
     return load_model(path, EquivalentList, "see the schema in kmodtest/face/mutreport.py")
 
 
+def _words(code: str) -> str:
+    """Source text with each run of whitespace as one space: a reviewed entry is written on one
+    line, the kernel aligns with tabs and breaks long calls."""
+    return " ".join(code.split())
+
+
 def _reviewed(m: MutantResult, entries: tuple[Equivalent, ...], series: str) -> str | None:
     """The reason of the entry that matches ``m`` (by text, not line), if one does."""
     for e in entries:
-        mutant = (Path(m.file).name, m.function, m.operator, m.original, m.replacement)
-        entry = (e.file, e.function, e.operator, e.original, e.replacement)
+        mutant = (Path(m.file).name, m.function, m.operator, _words(m.original),
+                  _words(m.replacement))  # fmt: skip
+        entry = (e.file, e.function, e.operator, _words(e.original), _words(e.replacement))
         if mutant == entry and series in e.kernels and e.covers(m):
             return e.why.strip()
     return None
