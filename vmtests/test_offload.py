@@ -56,3 +56,26 @@ def test_flow_is_offloaded_and_payload_intact(router, host, endpoints, nft, prot
             f"classic path carried too much: {report}{ct.state_report(host)}"
         )
         assert result.intact, f"{result}\n{report}"
+
+
+# masquerade above keeps the client's source port (nothing else holds it); here every port is
+# translated, so the fast path must rewrite the reply's destination port back, too
+NAT_PORTS = (20000, 20999)
+
+
+def test_masquerade_to_a_port_range_rewrites_ports_both_ways(router, host, endpoints, nft):
+    """IPv4 only: the port rewrite is the same code for both families."""
+    low, high = NAT_PORTS
+    assert nft.apply(router_ruleset(nat=True, nat_ports=f"{low}-{high}")).rc == 0
+    for direction in ("up", "down"):
+        with traffic.open_flow(endpoints, router.topology, "tcp", 4, direction, NBYTES) as t:
+            t.feed()
+            t.wait_received()
+            proc = ct.the_entry(ct.proc_entries(host), "tcp", t.flow.port)
+            result = t.close()
+        report = f"{t.flow}\n{proc.raw}"
+        assert proc.offloaded, f"/proc shows no [OFFLOAD]: {report}{ct.state_report(host)}"
+        assert proc.reply.dport is not None and low <= proc.reply.dport <= high, (
+            f"the client's port was not translated into {low}-{high}: {report}"
+        )
+        assert result.intact, f"{result}\n{report}"

@@ -40,11 +40,13 @@ def router_ruleset(
     flow_add: bool = True,
     devices: tuple[str, ...] = ROUTER_PORTS,
     table: str = TABLE,
+    nat_ports: str = "",
 ) -> str:
     """The router's ``inet`` table as one ``nft -f`` batch.
 
     ``counter``/``offload`` set the flowtable flags; ``flow_add=False`` keeps the flowtable but
-    drops the rule that fills it (the negative control); ``nat`` masquerades out of ``wan``.
+    drops the rule that fills it (the negative control); ``nat`` masquerades out of ``wan``,
+    to the source ports ``nat_ports`` (``"20000-20999"``) if given, else keeping them.
     """
     lines = [f"table inet {table} {{"]
     if flowtable:
@@ -73,7 +75,10 @@ def router_ruleset(
         lines += [
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
-            '    oifname "wan" masquerade',
+            '    oifname "wan" masquerade'
+            if not nat_ports
+            # a port mapping needs the transport protocol matched first
+            else f'    oifname "wan" meta l4proto {{ tcp, udp }} masquerade to :{nat_ports}',
             "  }",
         ]
     lines.append("}")
