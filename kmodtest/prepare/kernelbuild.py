@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kmodtest.arches import KernelBuild as ArchKbuild
 from kmodtest.arches import get_arch, host_debian_arch
 from kmodtest.errors import BuildError, ConfigError
 from kmodtest.prepare import kbuild, modules
@@ -134,6 +135,12 @@ def debian_source_tree(cache: Cache, suite: str, progress: Progress, refresh: bo
     return path / "tree"
 
 
+def kernel_tools(k: ArchKbuild) -> list[str]:
+    """The packages of the chroot that compiles a kernel for ``k`` (and later its modules):
+    natively, or with the triplet's cross gcc."""
+    return [*KERNEL_TOOLS, *([k.gcc_package()] if k.cross else [])]
+
+
 def build_kernel(
     cache: Cache, spec: KernelSpec, out: Path, progress: Progress, jobs: int | None = None
 ) -> KernelBuild:
@@ -149,8 +156,7 @@ def build_kernel(
     jobs = jobs or min(MAX_JOBS, os.cpu_count() or 1)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    tools = [*KERNEL_TOOLS, *([k.gcc_package()] if k.cross else [])]
-    chroot = _chroot(cache, suite, tools, progress)
+    chroot = _chroot(cache, suite, kernel_tools(k), progress)
     timings["toolchain chroot"] = time.monotonic() - start
     out.mkdir(parents=True, exist_ok=True)
     obj = out / "obj"
@@ -275,11 +281,10 @@ def rebuild_modules(
     ``change``, in ``out`` (unchanged files are hard links into the cache); returns ``out``."""
     if kernel.obj is None or kernel.source is None:
         raise ConfigError("only a cached kernel build (--debian-source) keeps its build tree")
-    k = get_arch(arch).kbuild
-    # the chroot and compiler build_kernel compiled the kernel with
-    root = _chroot(cache, kernel.suite, [*KERNEL_TOOLS, *([k.gcc_package()] if k.cross else [])],
-                   progress)  # fmt: skip
-    toolchain = BuildTreeToolchain(root, kernel.release, f"{k.cross_compile}gcc", get_arch(arch),
+    record = get_arch(arch)
+    k = record.kbuild
+    root = _chroot(cache, kernel.suite, kernel_tools(k), progress)  # the one build_kernel used
+    toolchain = BuildTreeToolchain(root, kernel.release, f"{k.cross_compile}gcc", record,
                                    source=kernel.source, obj=kernel.obj)  # fmt: skip
     work = cache.root / "work"
     work.mkdir(parents=True, exist_ok=True)
