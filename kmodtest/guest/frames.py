@@ -64,7 +64,7 @@ rm -rf {work}; mkdir -p {work}
 idx=$({ns}cat /sys/class/net/{dev}/ifindex)
 if {_LITTLE_ENDIAN}; then
   proto=$(( ({ethertype} >> 8) | (({ethertype} & 255) << 8) ))
-  ifx=$(printf '%02x%02x%02x%02x' \
+  ifx=$(printf '%02x%02x%02x%02x' \\
     $((idx & 255)) $((idx >> 8 & 255)) $((idx >> 16 & 255)) $((idx >> 24)))
 else
   proto={ethertype}; ifx=$(printf '%08x' $idx)
