@@ -1,5 +1,6 @@
 """Offload through the port shapes OpenWrt uses (kmodtest/guest/portshapes.py): a bridged LAN,
-the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), a WAN in a VLAN, and that VLAN in
+the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), the bridge's own VLAN tagged on its
+port (a trunk), a WAN in a VLAN, and that VLAN in
 an 802.1ad service VLAN (QinQ: the flowtable pops the outer tag from the packet's metadata and
 the inner one from its data). The flowtable
 stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their packets
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.per_nic
 NBYTES = 1_000_000
 
 
-def _offloaded_download(router, host, nft: Nft, family: int, server_ip: str | None = None):
+def _offloaded_download(
+    router, host, nft: Nft, family: int, server_ip: str | None = None, client_dev: str | None = None
+):
     applied = nft.apply(router_ruleset())  # the flowtable on the physical lan and wan
     assert applied.rc == 0, applied.stderr
     topo = router.topology
@@ -39,7 +42,9 @@ def _offloaded_download(router, host, nft: Nft, family: int, server_ip: str | No
     }
     before = sample_paths(nft, family)
     with (
-        wire.ingress_meter(host, topo.client.netns, topo.client.name, meter) as arrived,
+        wire.ingress_meter(
+            host, topo.client.netns, client_dev or topo.client.name, meter
+        ) as arrived,
         traffic.open_flow(
             host, topo, "tcp", family, "down", NBYTES, server_ip=server_ip, port=port
         ) as t,
@@ -65,10 +70,12 @@ def _offloaded_download(router, host, nft: Nft, family: int, server_ip: str | No
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
-@pytest.mark.parametrize("vlan_filtering", [False, True], ids=["br-lan", "br-lan.1"])
-def test_bridged_lan_port_is_offloaded(router, host, nft, family, vlan_filtering):
-    with portshapes.bridged_lan(host, router.topology, vlan_filtering):
-        _offloaded_download(router, host, nft, family)
+@pytest.mark.parametrize(
+    "shape", ["bridge", "dsa", "trunk"], ids=["br-lan", "br-lan.1", "br-lan-tagged-port"]
+)
+def test_bridged_lan_port_is_offloaded(router, host, nft, family, shape):
+    with portshapes.bridged_lan(host, router.topology, shape) as lan:
+        _offloaded_download(router, host, nft, family, client_dev=lan.client_dev)
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])

@@ -8,6 +8,11 @@ bridge or VLAN(s): the flowtable must record the tags and the bridge port when t
 added, match tagged packets on ingress, strip the tags, and transmit straight to the bridge
 port (``FLOW_OFFLOAD_XMIT_DIRECT``). None of that code runs on plain ports.
 
+A LAN bridge can also carry its own VLAN tagged on a port (a trunk to a managed switch or an
+access point with VLANs): the addresses stay on ``br-lan``, whose untagged traffic the bridge
+puts in its PVID, and the port sends that VLAN tagged. Then the flowtable itself must push the
+tag on transmit (``DEV_PATH_BR_VLAN_TAG``), where in the DSA shape a VLAN device did it.
+
 Each shape is a context manager: it reshapes the router's ``lan`` or ``wan`` (and the
 endpoint facing it), and undoes it afterwards; the reset between tests puts the plain
 ports' addresses back.
@@ -19,6 +24,7 @@ import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import testinfra.host
 
@@ -27,6 +33,7 @@ from kmodtest.guest.topology import Topology
 
 BRIDGE = "br-lan"
 LAN_VLAN = 1  # OpenWrt's default LAN VLAN on DSA switches (br-lan.1)
+TRUNK_VLAN = 10  # the LAN bridge's PVID, tagged on a trunk port
 WAN_VLAN = 7  # a VLAN id ISPs commonly tag their WAN with
 SERVICE_VLAN = 100  # an 802.1ad service VLAN (S-tag) around WAN_VLAN: QinQ
 
@@ -39,6 +46,7 @@ class Shaped:
     router_dev: str
     ipv4: str  # the endpoint's address (no prefix) on the shaped segment
     ipv6: str
+    client_dev: str | None = None  # where the client now receives, if not on its own port
 
     def address(self, family: int) -> str:
         return self.ipv4 if family == 4 else self.ipv6
@@ -49,17 +57,23 @@ def _router_addresses(topology: Topology, dev: str) -> str:
     return f"ip addr add {lan.ipv4} dev {dev}\nip addr add {lan.ipv6} dev {dev} nodad\n"
 
 
+BridgeShape = Literal["bridge", "dsa", "trunk"]
+
+
 @contextmanager
 def bridged_lan(
-    host: testinfra.host.Host, topology: Topology, vlan_filtering: bool = False
+    host: testinfra.host.Host, topology: Topology, shape: BridgeShape = "bridge"
 ) -> Iterator[Shaped]:
     """The router's ``lan`` port becomes a port of ``br-lan``, which holds the LAN addresses.
 
-    ``vlan_filtering``: the DSA shape, a VLAN-filtering bridge whose ``lan`` port is an
-    untagged member of VLAN 1 and whose addresses are on ``br-lan.1``.
+    ``dsa``: a VLAN-filtering bridge whose ``lan`` port is an untagged member of VLAN 1 and
+    whose addresses are on ``br-lan.1``. ``trunk``: a VLAN-filtering bridge with its addresses
+    on itself, in its PVID ``TRUNK_VLAN``, which the ``lan`` port carries tagged; the client
+    then has its addresses on ``eth0.<TRUNK_VLAN>``.
     """
     lan = topology.segments[0].router
-    if vlan_filtering:
+    l3 = BRIDGE
+    if shape == "dsa":
         l3 = f"{BRIDGE}.{LAN_VLAN}"
         bridge = (
             f"ip link add {BRIDGE} address {lan.mac} type bridge vlan_filtering 1\n"
@@ -70,8 +84,16 @@ def bridged_lan(
             f"ip link add link {BRIDGE} name {l3} address {lan.mac} type vlan id {LAN_VLAN}\n"
             f"ip link set {BRIDGE} up\n"
         )
+    elif shape == "trunk":
+        bridge = (
+            f"ip link add {BRIDGE} address {lan.mac} type bridge vlan_filtering 1\n"
+            f"ip link set {lan.name} master {BRIDGE}\n"
+            f"bridge vlan del dev {lan.name} vid 1\n"
+            f"bridge vlan add dev {lan.name} vid {TRUNK_VLAN}\n"  # tagged: not pvid untagged
+            f"bridge vlan del dev {BRIDGE} vid 1 self\n"
+            f"bridge vlan add dev {BRIDGE} vid {TRUNK_VLAN} pvid untagged self\n"
+        )
     else:
-        l3 = BRIDGE
         bridge = (
             f"ip link add {BRIDGE} address {lan.mac} type bridge\n"
             f"ip link set {lan.name} master {BRIDGE}\n"
@@ -85,11 +107,31 @@ def bridged_lan(
         f"ip link set {l3} up\n"
     )
     client = topology.client
+    client_dev = None
+    if shape == "trunk":
+        client_dev = f"{client.name}.{TRUNK_VLAN}"
+        setup += _move_endpoint(topology, client_dev, TRUNK_VLAN)
     try:
         links.change(host, setup, topology.namespaces)
-        yield Shaped(l3, client.address(4), client.address(6))
-    finally:
-        host.run(f"ip link del {BRIDGE} 2>/dev/null; true")
+        yield Shaped(l3, client.address(4), client.address(6), client_dev)
+    finally:  # the reset between tests puts the client's addresses back on its own port
+        undo = f"ip -n {client.netns} link del {client_dev} 2>/dev/null; " if client_dev else ""
+        host.run(f"{undo}ip link del {BRIDGE} 2>/dev/null; true")
+
+
+def _move_endpoint(topology: Topology, dev: str, vid: int) -> str:
+    """Shell: the client's addresses and default routes move from its port to VLAN ``vid``."""
+    client, lan = topology.client, topology.segments[0].router
+    ns = client.netns
+    return (
+        f"ip -n {ns} addr flush dev {client.name} scope global\n"
+        f"ip -n {ns} link add link {client.name} name {dev} type vlan id {vid}\n"
+        f"ip -n {ns} addr add {client.ipv4} dev {dev}\n"
+        f"ip -n {ns} addr add {client.ipv6} dev {dev} nodad\n"
+        f"ip -n {ns} link set {dev} up\n"
+        f"ip -n {ns} route replace default via {lan.address(4)} dev {dev}\n"
+        f"ip -n {ns} route replace default via {lan.address(6)} dev {dev}\n"
+    )
 
 
 @dataclass(frozen=True)
