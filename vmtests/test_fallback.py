@@ -1,5 +1,6 @@
 """When offload cannot happen, forwarding still must: without the flowtable modules, with a
-smaller MTU on the WAN side, and when a link goes down or a route changes under a flow.
+smaller MTU on the WAN side, without a route back to the flow's source (and offload follows
+once there is one), and when a link goes down or a route changes under a flow.
 """
 
 from __future__ import annotations
@@ -146,6 +147,66 @@ def test_masqueraded_packets_the_fast_path_refuses_still_leave_natted(router, ho
     assert leaked == 0, (
         f"{leaked} packets reached the server with the client's address {client_ip}: the "
         f"classic path forwarded them untracked, without masquerade: {report}"
+    )
+    assert result.intact, f"{result}\n{report}"
+
+
+UNROUTED_FIRST = 128 * 1024  # sent before the route back exists; the rest of NBYTES after
+
+
+def test_flow_without_route_back_is_not_offloaded_until_the_route_appears(
+    router, host, endpoints, nft
+):
+    """``flow add`` needs a route in each direction (nft_flow_route()): a UDP flow from a
+    client address the router has no route back to is refused, and must still be forwarded,
+    by the forward chain, without conntrack calling it [OFFLOAD]. The refusal must not stick:
+    once the route back appears, the flow's next packet retries and the flow is offloaded.
+    (Marking the entry offloaded before the route lookup and not clearing it on failure leaves
+    a flow that says [OFFLOAD] but is in no flowtable, and is never offloaded later: ``flow
+    add`` takes the flag for "already there".) IPv6: see :class:`traffic.UnroutedSource`."""
+    assert nft.apply(router_ruleset()).rc == 0
+    topo = router.topology
+    with (
+        traffic.unrouted_source(host, endpoints, topo) as src,
+        traffic.open_flow(endpoints, topo, "udp", 6, "up", NBYTES, client_ip=src.address) as t,
+    ):
+        before = sample_paths(nft, 6)
+        t.feed(UNROUTED_FIRST)
+        t.wait_received()
+        unrouted = sample_paths(nft, 6) - before
+        refused = ct.the_entry(ct.proc_entries(host), "udp", t.flow.port)
+
+        src.route_back()
+        before = sample_paths(nft, 6)
+        t.feed()
+        t.wait_received()
+        routed = sample_paths(nft, 6) - before
+        entry = ct.the_entry(ct.proc_entries(host), "udp", t.flow.port)
+        result = t.close()
+
+    report = (
+        f"{t.flow} from {src.address}\n"
+        f"without a route back to {src.network}: {unrouted}\n  {refused.raw}\n"
+        f"after the route back appeared: {routed}\n  {entry.raw}"
+    )
+    assert refused.orig.src == src.address, f"the flow did not come from {src.address}: {report}"
+    # the premise: no route back, so the flowtable refused the flow and the forward chain
+    # carried it (were it offloaded, the router would have a route back to the client after all)
+    assert unrouted.slowpath.packets > 0 and unrouted.mostly_classic(), (
+        f"without a route back, the flow's packets did not all take the forward chain: {report}"
+        f"{ct.state_report(host)}"
+    )
+    assert not refused.offloaded, (
+        f"conntrack says [OFFLOAD] for a flow the flowtable refused (the router has no route "
+        f"back to {src.address}; the flag was set and not cleared when the route lookup "
+        f"failed): {report}{ct.state_report(host)}"
+    )
+    assert entry.offloaded, (
+        f"not offloaded once the route back appeared: the refusal stuck to the flow: "
+        f"{report}{ct.state_report(host)}"
+    )
+    assert routed.mostly_offloaded(NBYTES - UNROUTED_FIRST), (
+        f"once the route back appeared, the classic path carried too much: {report}"
     )
     assert result.intact, f"{result}\n{report}"
 

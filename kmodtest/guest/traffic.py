@@ -98,6 +98,7 @@ class Transfer:
     server_ip: str | None = None  # default: the server's eth0 address of the flow's family
     # where the client connects, when a DNAT on the router maps it to the flow's (listen) port
     connect_port: int | None = None
+    client_ip: str | None = None  # the client's source address; default: the kernel's choice
     fed: int = 0
     workdir: str = field(init=False)
 
@@ -127,14 +128,19 @@ class Transfer:
         """socat argv for (server, client); the server always listens."""
         f, port, d = self.flow, self.flow.port, self.workdir
         server_ip = self.server_ip or self.topology.server.address(f.family)
-        peer = f"[{server_ip}]" if f.family == 6 else server_ip
+
+        def socat_host(ip: str) -> str:
+            return f"[{ip}]" if f.family == 6 else ip
+
         fam = "" if f.family == 4 else "6"
         udp = f.proto == "udp"
         listen = f"{f.proto.upper()}{fam}-LISTEN:{port}," + (
             UDP_RCVBUF["listen"] if udp else "reuseaddr"
         )
-        connect = f"{f.proto.upper()}{fam}:{peer}:{self.connect_port or port}" + (
-            f",{UDP_RCVBUF['connect']}" if udp else ",linger=0" if self.linger0 else ""
+        connect = (
+            f"{f.proto.upper()}{fam}:{socat_host(server_ip)}:{self.connect_port or port}"
+            + (f",bind={socat_host(self.client_ip)}" if self.client_ip else "")
+            + (f",{UDP_RCVBUF['connect']}" if udp else ",linger=0" if self.linger0 else "")
         )
         fifo, sink = f"OPEN:{d}/in.fifo", f"OPEN:{d}/dst,creat,trunc"
         base = ["socat", f"-T{IDLE_LIMIT}"]
@@ -310,12 +316,16 @@ def open_flow(
     server_ip: str | None = None,
     port: int | None = None,
     connect_port: int | None = None,
+    client_ip: str | None = None,
 ) -> Transfer:
     """A started transfer on a fresh port (or ``port``, from :func:`new_port`: a rule made
     for the flow before it starts needs it); use as a context manager so it is always cleaned.
+    ``client_ip``: the client sends from this address of its own (default: its eth0 address).
     """
     flow = Flow(proto, family, direction, port or new_port())
-    transfer = Transfer(host, topology, flow, nbytes, linger0, server_ip, connect_port)
+    transfer = Transfer(
+        host, topology, flow, nbytes, linger0, server_ip, connect_port, client_ip=client_ip
+    )
     try:
         return transfer.start()
     except BaseException:
@@ -497,3 +507,53 @@ true
         yield p
     finally:
         host.run(teardown)
+
+
+@dataclass(frozen=True)
+class UnroutedSource:
+    """A second IPv6 address on the client's ``eth0``, in a network the router has no route
+    to. The router forwards what the client sends from it (forwarding looks at the destination
+    only), but a route lookup back to it fails until :meth:`route_back` adds one via the
+    client's ``lan`` address. IPv6 only: an IPv4 output lookup with an output interface set
+    takes an unroutable destination for on-link (ip_route_output_key_hash_rcu()) and does
+    not fail."""
+
+    router: testinfra.host.Host
+    endpoints: testinfra.host.Host
+    topology: Topology
+    address: str = "2001:db8:9::20"
+    network: str = "2001:db8:9::/64"
+
+    def _address(self, verb: str) -> str:
+        client = self.topology.client
+        return f"ip -n {client.netns} -6 addr {verb} {self.address}/128 dev {client.name}"
+
+    def _route(self, verb: str) -> str:
+        lan = self.topology.segments[0].router.name
+        return f"ip -6 route {verb} {self.network} via {self.topology.client.address(6)} dev {lan}"
+
+    def add(self) -> None:
+        self.endpoints.check_output(self._address("add") + " nodad")  # tentative: no bind()
+
+    def route_back(self) -> None:
+        """The router learns the way back to :attr:`address` (via the client)."""
+        self.router.check_output(self._route("add"))
+
+    def remove(self) -> None:
+        """Remove the address and the route back, whichever is there."""
+        self.endpoints.run(f"{self._address('del')} 2>/dev/null; true")
+        self.router.run(f"{self._route('del')} 2>/dev/null; true")
+
+
+@contextmanager
+def unrouted_source(
+    router: testinfra.host.Host, endpoints: testinfra.host.Host, topology: Topology
+) -> Iterator[UnroutedSource]:
+    """An :class:`UnroutedSource` for a block (the reset between tests restores the
+    topology's own addresses and routes, but removes neither this address nor its route)."""
+    src = UnroutedSource(router, endpoints, topology)
+    src.add()
+    try:
+        yield src
+    finally:
+        src.remove()
