@@ -36,6 +36,11 @@ NO_CONNTRACK_TOOL = "needs the conntrack tool (conntrack -D), which a stock Open
 # test name -> (the OpenWrt kernels it does not apply to: None for all, why)
 NOT_ON_OPENWRT: dict[str, tuple[frozenset[tuple[int, int]] | None, str]] = {
     "test_conntrack_delete_of_offloaded_entry": (None, NO_CONNTRACK_TOOL),
+    "test_slow_path_packet_does_not_cut_an_offloaded_entry_short": (
+        None,
+        "needs the conntrack tool (conntrack -L -o id: /proc prints no entry id), which a stock "
+        "OpenWrt image lacks",
+    ),
     "test_hw_offload_on_passthrough_nic": (None, "passthrough NICs are for Debian routers"),
     "test_pppoe_lcp_echo_reaches_the_router_through_a_flowtable_port": (
         None,
