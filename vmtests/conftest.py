@@ -36,6 +36,11 @@ NO_CONNTRACK_TOOL = "needs the conntrack tool (conntrack -D), which a stock Open
 # test name -> (the OpenWrt kernels it does not apply to: None for all, why)
 NOT_ON_OPENWRT: dict[str, tuple[frozenset[tuple[int, int]] | None, str]] = {
     "test_conntrack_delete_of_offloaded_entry": (None, NO_CONNTRACK_TOOL),
+    "test_ended_flows_release_their_routes": (
+        None,
+        "takes the router's IPv4 addresses off lan and wan with ip and puts them back: on OpenWrt "
+        "netifd owns them (uci), and the test does not go through it (not tried there)",
+    ),
     "test_hw_offload_on_passthrough_nic": (None, "passthrough NICs are for Debian routers"),
     "test_pppoe_lcp_echo_reaches_the_router_through_a_flowtable_port": (
         None,
