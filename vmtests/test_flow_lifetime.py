@@ -84,7 +84,9 @@ def test_ended_flows_release_their_routes(router, host, endpoints, nft):
     release is one code path for both families (nft_flow_dst_release).
     """
     topology = router.topology
-    # the classic path fills the endpoints' route caches, which the count includes
+    # the classic path fills the endpoints' route caches, which the count includes (their
+    # output routes are cached per CPU: with one emulated CPU, the cells' default, the flows
+    # below find them all filled; with more, one could fill another CPU's slot: +1)
     warm = traffic.transfer(endpoints, topology, "tcp", 4, "up", ENDED_BYTES)
     assert warm.intact, str(warm)
     with dstcount.router_ipv4_routes_removed(host, topology):
