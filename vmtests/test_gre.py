@@ -13,12 +13,14 @@ sees only the outer IPv4 GRE packets, client <-> server, one conntrack entry (pr
 0).
 
 Both tests raise conntrack's GRE timeouts above 5 minutes (:data:`GRE_TIMEOUTS`), or the kernel
-warns: on 6.12.118 and sid's 7.2 the flowtable's garbage collector extends the conntrack
-timeout of each offloaded entry that has less than 5 minutes left
-(``nf_flow_table_extend_ct_timeout()``), knows only TCP and UDP there and hits
-``WARN_ON_ONCE(1)`` for a GRE entry (GRE's defaults are 30 s unreplied, 180 s replied), which
-fails whichever test has a GRE flow in the flowtable at a collector pass. 6.1 has no such
-extension. That bug is the kernel's, not this test's subject; it is left visible here.
+warns. An offloaded entry's conntrack timeout is a day, but a packet of it that takes the
+classic path (each version-1 packet here) sets it back to GRE's 30 s (180 s once replied). On
+6.12.118 and sid's 7.2 the flowtable's garbage collector then extends the timeout of an
+offloaded entry with less than 5 minutes left (``nf_flow_table_extend_ct_timeout()``), knows
+only TCP and UDP there, and hits ``WARN_ON_ONCE(1)`` for GRE at its next pass (seen: one
+version-1 packet through an offloaded tunnel, "WARNING ... nf_flow_table_core.c:505
+nf_flow_offload_gc_step"). 6.1 has no such extension. That bug is the kernel's, not these
+tests' subject, and is named here rather than hidden.
 """
 
 from __future__ import annotations
