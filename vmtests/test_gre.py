@@ -1,8 +1,9 @@
 """GRE crossing the router is offloaded: version 0 (every ordinary GRE tunnel), not version 1.
 
-Since Linux 6.1 the flowtable takes GRE flows as well as TCP and UDP (``IPPROTO_GRE`` in
-``nf_flow_tuple_ip()`` and ``nft_flow_offload_eval()``, with ``CONFIG_NF_CT_PROTO_GRE``, which
-Debian's 6.1 and 6.12 kernels build in). A site-to-site GRE tunnel through a router with flow
+The flowtables of Debian's 6.1 (read in 6.1.176 and 6.1.192) and 6.12 take GRE flows as well
+as TCP and UDP (``IPPROTO_GRE`` in ``nf_flow_tuple_ip()`` and ``nft_flow_offload_eval()``,
+under ``CONFIG_NF_CT_PROTO_GRE``, which both kernels build in), so no kernel of the matrix has
+a different expectation. A site-to-site GRE tunnel through a router with flow
 offloading on then rides the fast path, as long as the router does not NAT it. Version 1 is
 PPTP's enhanced GRE: ``flow add`` refuses PPTP calls (they carry call IDs, conntrack's GRE
 keys), and the fast path refuses every version-1 packet, even one that matches a flow in the
