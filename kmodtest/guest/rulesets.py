@@ -2,9 +2,10 @@
 
 One builder keeps every offload test on the same, upstream-shaped ruleset (nft_flowtable.sh):
 a flowtable on both router ports, a forward chain whose first rule counts every packet that
-takes the classic path (comment ``kt-slowpath``), then ``flow add`` for TCP and UDP, and optionally
-masquerade on ``wan``. Offloaded packets bypass the forward hook, so that counter staying far
-below the transferred traffic is the proof of offload.
+takes the classic path (comment ``kt-slowpath``), then ``flow add`` for TCP and UDP (and GRE
+when a test asks for it), and optionally masquerade on ``wan``. Offloaded packets bypass the
+forward hook, so that counter staying far below the transferred traffic is the proof of
+offload.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ SLOWPATH = "kt-slowpath"  # comment of the rule counting packets that took the f
 ROUTER_PORTS = ("lan", "wan")
 FLOW_ADD_COMMENT = "kt-flow-add"
 INVALID = "kt-ct-invalid"  # comment of the rule counting packets conntrack found invalid
+FLOW_PROTOCOLS = ("tcp", "udp")  # what the suite's ``flow add`` rule offloads
+# GRE by number: nft parses a protocol name that is no keyword of its grammar through
+# getprotobyname(), and the image has no /etc/protocols
+GRE = (*FLOW_PROTOCOLS, "47")
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,15 @@ def router_ruleset(
     devices: tuple[str, ...] = ROUTER_PORTS,
     table: str = TABLE,
     nat_ports: str = "",
+    flow_protocols: tuple[str, ...] = FLOW_PROTOCOLS,
 ) -> str:
     """The router's ``inet`` table as one ``nft -f`` batch.
 
     ``counter``/``offload`` set the flowtable flags; ``flow_add=False`` keeps the flowtable but
     drops the rule that fills it (the negative control); ``nat`` masquerades out of ``wan``,
     to the source ports ``nat_ports`` (``"20000-20999"``) if given, else keeping them.
+    ``flow_protocols`` are the ``meta l4proto`` values ``flow add`` takes (``GRE`` adds GRE to
+    TCP and UDP).
     """
     lines = [f"table inet {table} {{"]
     if flowtable:
@@ -65,7 +73,8 @@ def router_ruleset(
     ]
     if flowtable and flow_add:
         lines.append(
-            f'    meta l4proto {{ tcp, udp }} flow add @{FLOWTABLE} comment "{FLOW_ADD_COMMENT}"'
+            f"    meta l4proto {{ {', '.join(flow_protocols)} }} flow add @{FLOWTABLE} "
+            f'comment "{FLOW_ADD_COMMENT}"'
         )
     # keeps conntrack hooked even without ``flow add`` (so a negative control still shows
     # entries), and counts what conntrack rejects, e.g. after a flow left the flowtable
