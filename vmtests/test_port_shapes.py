@@ -88,3 +88,16 @@ def test_wan_in_a_vlan_is_offloaded(router, host, nft, family):
 def test_wan_in_qinq_is_offloaded(router, host, nft, family):
     with portshapes.wan_vlan(host, router.topology, portshapes.SERVICE_VLAN) as vlan:
         _offloaded_download(router, host, nft, family, server_ip=vlan.address(family))
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_wan_over_pppoe_is_offloaded(router, host, nft, family):
+    with portshapes.wan_pppoe(host, router.topology) as session:
+        sent = portshapes.pppoe_sent_bytes(host, router.topology)
+        _offloaded_download(router, host, nft, family, server_ip=session.address(family))
+        sent = portshapes.pppoe_sent_bytes(host, router.topology) - sent
+    # the route the server took back: through its PPPoE session, not its plain eth0
+    assert sent >= NBYTES, (
+        f"the server sent {sent} B into its PPPoE session during a {NBYTES} B download: the "
+        "payload did not reach the router as PPPoE session frames"
+    )
