@@ -263,7 +263,8 @@ rm -rf {d}; mkdir -p {d}
 plugin=$(echo /usr/lib/pppd/*/pppoe.so)
 [ -e "$plugin" ] || {{ echo "no pppd PPPoE plugin: /usr/lib/pppd/*/pppoe.so" >&2; exit 1; }}
 printf '{isp_options}\n' >{d}/isp-options
-if pppoe-server -h 2>&1 | grep -q -- ' -k '; then mode="-k -g $plugin"; else mode=-s; fi
+if pppoe-server -h 2>&1 | grep -q -- ' -k '; then mode="-k -g $plugin"
+else mode=; [ -d /sys/module/ppp_async ] || modprobe ppp_async; fi
 spawn {d}/pppoe-server.pid {d}/pppoe-server.log {ns} \
   pppoe-server -F -I {server.name} $mode -N 1 -L {v.server_ipv4} -R {v.router_ipv4} \
   -O {d}/isp-options
