@@ -2,12 +2,13 @@
 the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), the bridge's own VLAN tagged on its
 port (a trunk), a WAN in a VLAN, and that VLAN in
 an 802.1ad service VLAN (QinQ: the flowtable pops the outer tag from the packet's metadata and
-the inner one from its data). The flowtable
-stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their packets
-tagged, untagged and delivered to the right bridge port as the classic path would, intact.
+the inner one from its data), and a PPPoE WAN (the flowtable strips the session header). The
+flowtable stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their
+packets tagged, untagged and delivered to the right bridge port as the classic path would,
+intact.
 
 The payload goes server -> client: the direction whose packets the flowtable sends straight
-to the bridge port, and whose packets arrive tagged from a VLAN WAN.
+to the bridge port, and whose packets arrive tagged from a VLAN WAN or in PPPoE session frames.
 """
 
 from __future__ import annotations
