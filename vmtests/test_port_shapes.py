@@ -2,12 +2,13 @@
 the DSA shape (a VLAN-filtering bridge, the LAN on VLAN 1), the bridge's own VLAN tagged on its
 port (a trunk), a WAN in a VLAN, and that VLAN in
 an 802.1ad service VLAN (QinQ: the flowtable pops the outer tag from the packet's metadata and
-the inner one from its data). The flowtable
-stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their packets
-tagged, untagged and delivered to the right bridge port as the classic path would, intact.
+the inner one from its data), and a PPPoE WAN (the flowtable strips the session header). The
+flowtable stays on the physical ports, as fw4 sets it up; flows must still be offloaded, their
+packets tagged, untagged and delivered to the right bridge port as the classic path would,
+intact.
 
 The payload goes server -> client: the direction whose packets the flowtable sends straight
-to the bridge port, and whose packets arrive tagged from a VLAN WAN.
+to the bridge port, and whose packets arrive tagged from a VLAN WAN or in PPPoE session frames.
 """
 
 from __future__ import annotations
@@ -88,3 +89,16 @@ def test_wan_in_a_vlan_is_offloaded(router, host, nft, family):
 def test_wan_in_qinq_is_offloaded(router, host, nft, family):
     with portshapes.wan_vlan(host, router.topology, portshapes.SERVICE_VLAN) as vlan:
         _offloaded_download(router, host, nft, family, server_ip=vlan.address(family))
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_wan_over_pppoe_is_offloaded(router, host, nft, family):
+    with portshapes.wan_pppoe(host, router.topology) as session:
+        sent = portshapes.pppoe_sent_bytes(host, router.topology)
+        _offloaded_download(router, host, nft, family, server_ip=session.address(family))
+        sent = portshapes.pppoe_sent_bytes(host, router.topology) - sent
+    # the route the server took back: through its PPPoE session, not its plain eth0
+    assert sent >= NBYTES, (
+        f"the server sent {sent} B into its PPPoE session during a {NBYTES} B download: the "
+        "payload did not reach the router as PPPoE session frames"
+    )

@@ -13,6 +13,12 @@ access point with VLANs): the addresses stay on ``br-lan``, whose untagged traff
 puts in its PVID, and the port sends that VLAN tagged. Then the flowtable itself must push the
 tag on transmit (``DEV_PATH_BR_VLAN_TAG``), where in the DSA shape a VLAN device did it.
 
+On DSL (and many fibre) lines the WAN is a PPPoE session: pppd's ``pppoe-wan`` (here
+``ppp0``) over the ``wan`` port, in kernel mode. The flowtable is still on ``wan``; the flow's
+route goes through the ppp device, whose path the flowtable resolves to the session on
+``wan`` (``DEV_PATH_PPPOE``), and packets of the flow then arrive as PPPoE session frames that
+its ingress hook must recognise and strip.
+
 Each shape is a context manager: it reshapes the router's ``lan`` or ``wan`` (and the
 endpoint facing it), and undoes it afterwards; the reset between tests puts the plain
 ports' addresses back.
@@ -190,6 +196,154 @@ ip -n {ns} route add {_network(lan6)} via {v.router_ipv6.split("/")[0]} dev {s_d
     finally:  # the lowest VLAN device: deleting it takes the one stacked on it along
         r_low, s_low = (r_base, s_base) if service_vlan is not None else (r_dev, s_dev)
         host.run(f"ip link del {r_low} 2>/dev/null; ip -n {ns} link del {s_low} 2>/dev/null; true")
+
+
+@dataclass(frozen=True)
+class WanPppoe:
+    """Both ends of the PPPoE session: IPCP hands out the IPv4 addresses (the access
+    concentrator assigns both), IPv6CP the link-local interface ids, and each end adds a
+    static global IPv6 address on top (no DHCPv6-PD here)."""
+
+    router_ipv4: str = "203.0.113.193"  # a range of its own: not the VLAN WAN's /26
+    server_ipv4: str = "203.0.113.194"
+    router_ipv6: str = "2001:db8:8::1/64"
+    server_ipv6: str = "2001:db8:8::2/64"
+    router_id: str = "::1"  # IPv6CP interface identifiers: fe80::1 and fe80::2
+    server_id: str = "::2"
+
+
+PPP_DEV = "ppp0"  # the session's device on either end: pppd's unit 0 in each namespace
+PPPOE_WORK = "/tmp/kmodtest-pppoe"  # the daemons' pid files, options and logs, in the guest
+SESSION_WAIT = 30  # guest seconds for discovery, LCP, IPCP and IPv6CP; ~2.5 s under TCG
+STOP_WAIT = 10  # guest seconds for pppd and pppoe-server to exit on SIGTERM, before SIGKILL
+
+# sh: run a command in the background in a namespace (``-``: the router's own), with its own
+# PID (not a wrapper's) in a file, and its output in a log
+_SPAWN = r"""spawn() { pidf=$1; log=$2; ns=$3; shift 3
+  if [ "$ns" = - ]; then set -- sh -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$@"
+  else set -- ip netns exec "$ns" sh -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$@"; fi
+  "$@" </dev/null >"$log" 2>&1 &
+  until [ -s "$pidf" ]; do sleep 0.05; done; }
+alive() { [ -n "$1" ] && [ -e "/proc/$1/stat" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat"; }
+"""
+
+
+class PppoeError(AssertionError):
+    """The PPPoE session did not come up, or its daemons did not stop (fails the test)."""
+
+
+@contextmanager
+def wan_pppoe(host: testinfra.host.Host, topology: Topology) -> Iterator[Shaped]:
+    """The server is reached through a PPPoE session over the ``wan`` cable, as a DSL router
+    reaches its ISP: the server namespace is the access concentrator (rp-pppoe's
+    ``pppoe-server`` on its ``eth0``), the router dials it with pppd's PPPoE plugin on ``wan``
+    (no authentication). The session's ``ppp0`` on each end gets the addresses of
+    :class:`WanPppoe`, and the server routes the LAN back through its ``ppp0`` (its default
+    route over the plain ``eth0`` stays, as do the plain WAN addresses).
+
+    The router's end is kernel-mode PPPoE on both suites (pppd's ``pppoe.so``). The
+    concentrator's end is kernel-mode where rp-pppoe has it (``-k``: 4.0, trixie) and rp-pppoe's
+    user-mode ``pppoe`` relay behind a pty where it has not (3.15, bookworm, built without it);
+    on the wire both are the same session frames.
+    """
+    v = WanPppoe()
+    wan, server = topology.segments[1].router, topology.server
+    ns, d = server.netns, PPPOE_WORK
+    lan4, lan6 = topology.segments[0].router.ipv4, topology.segments[0].router.ipv6
+    logs = f"{d}/pppd.log (the router's pppd), {d}/isp-pppd.log, {d}/pppoe-server.log"
+    # the concentrator's pppd: pppoe-server adds the plugin or pty, the IPCP addresses (-L/-R),
+    # nodetach and mru/mtu 1492; /etc/ppp/options (auth, lcp-echo-interval 30) comes first
+    isp_options = "\n".join(
+        ["noauth", "+ipv6", f"ipv6 {v.server_id},{v.router_id}", "unit 0",
+         "debug", f"logfile {d}/isp-pppd.log"]
+    )  # fmt: skip
+    setup = f"""{_SPAWN}set -e
+rm -rf {d}; mkdir -p {d}
+[ -d /sys/module/pppoe ] || modprobe pppoe
+plugin=$(echo /usr/lib/pppd/*/pppoe.so)
+[ -e "$plugin" ] || {{ echo "no pppd PPPoE plugin: /usr/lib/pppd/*/pppoe.so" >&2; exit 1; }}
+printf '{isp_options}\n' >{d}/isp-options
+if pppoe-server -h 2>&1 | grep -q -- ' -k '; then mode="-k -g $plugin"
+else mode=; [ -d /sys/module/ppp_async ] || modprobe ppp_async; fi
+spawn {d}/pppoe-server.pid {d}/pppoe-server.log {ns} \
+  pppoe-server -F -I {server.name} $mode -N 1 -L {v.server_ipv4} -R {v.router_ipv4} \
+  -O {d}/isp-options
+# its discovery socket must be bound before the router's first PADI
+i=0; until ip netns exec {ns} grep -q ' 8863 ' /proc/net/packet; do
+  alive $(cat {d}/pppoe-server.pid) && [ $i -lt 100 ] || {{
+    echo "pppoe-server did not start" >&2; exit 1; }}
+  i=$((i + 1)); sleep 0.1
+done
+spawn {d}/pppd.pid {d}/pppd.out - pppd plugin $plugin nic-{wan.name} unit 0 \
+  noauth nodetach noipdefault +ipv6 ipv6 {v.router_id},{v.server_id} debug logfile {d}/pppd.log
+# up: IPCP and IPv6CP are done, the device has its IPv4 and link-local IPv6 address
+up() {{ a=$("$@" -o addr show dev {PPP_DEV} 2>/dev/null) || return 1
+  case $a in *" inet "*) ;; *) return 1;; esac
+  case $a in *" inet6 fe80::"*) ;; *) return 1;; esac; }}
+read u _ </proc/uptime; end=$(( ${{u%.*}} + {SESSION_WAIT} ))
+until up ip && up ip -n {ns}; do
+  alive $(cat {d}/pppd.pid) || {{ echo "the router's pppd exited" >&2; exit 1; }}
+  read u _ </proc/uptime
+  [ ${{u%.*}} -lt $end ] || {{ echo "no PPPoE session after {SESSION_WAIT} s" >&2; exit 1; }}
+  sleep 0.1
+done
+# the concentrator's pppd: pppoe-server's child (its pid file's path differs between versions)
+srv=$(cat {d}/pppoe-server.pid)
+for s in /proc/[0-9]*/stat; do
+  read -r pid _ _ ppid _ <$s 2>/dev/null && [ "$ppid" = "$srv" ] && echo $pid
+done >{d}/isp-pppd.pid
+ip addr add {v.router_ipv6} dev {PPP_DEV} nodad
+ip -n {ns} addr add {v.server_ipv6} dev {PPP_DEV} nodad
+ip -n {ns} route add {_network(lan4)} dev {PPP_DEV}
+ip -n {ns} route add {_network(lan6)} dev {PPP_DEV}
+"""
+    try:
+        result = host.run(setup, timeout=SESSION_WAIT + 60)
+        if result.rc != 0:
+            raise PppoeError(
+                f"PPPoE session on {wan.name} did not come up: {result.stderr.strip()}\n"
+                f"logs: {logs}\n{_logs(host)}"
+            )
+        yield Shaped(PPP_DEV, v.server_ipv4, v.server_ipv6.split("/")[0])
+    finally:
+        _stop(host)
+
+
+def pppoe_sent_bytes(host: testinfra.host.Host, topology: Topology) -> int:
+    """Bytes the concentrator has sent into the session so far (its ppp device's counter)."""
+    path = f"/sys/class/net/{PPP_DEV}/statistics/tx_bytes"
+    return int(host.check_output(f"ip netns exec {topology.server.netns} cat {path}"))
+
+
+def _logs(host: testinfra.host.Host) -> str:
+    out = host.run(
+        f'cd {PPPOE_WORK} 2>/dev/null && for f in *.log *.out; do [ -e "$f" ] || continue; '
+        'echo "== $f"; tail -n 30 "$f"; done'
+    )
+    return str(out.stdout)
+
+
+def _stop(host: testinfra.host.Host) -> None:
+    """SIGTERM to pppd and pppoe-server (which stops the concentrator's pppd, and that its pty
+    relay), SIGKILL to what is left after :data:`STOP_WAIT` s; the ppp devices, their
+    addresses and routes go with the pppds. Raises if a daemon outlives SIGKILL."""
+    d = PPPOE_WORK
+    script = f"""{_SPAWN}cd {d} 2>/dev/null || exit 0
+pids=$(cat pppd.pid pppoe-server.pid isp-pppd.pid 2>/dev/null) || true
+[ -n "$pids" ] || exit 0
+kill -TERM $pids 2>/dev/null || true
+left() {{ l=; for p in $pids; do alive $p && l="$l $p"; done; [ -n "$l" ]; }}
+read u _ </proc/uptime; end=$(( ${{u%.*}} + {STOP_WAIT} ))
+while left; do
+  read u _ </proc/uptime; [ ${{u%.*}} -lt $end ] || break; sleep 0.1
+done
+if left; then kill -KILL $l 2>/dev/null; sleep 1; fi
+if left; then echo "still running after SIGKILL:$l" >&2; exit 1; fi
+rm -f pppd.pid pppoe-server.pid isp-pppd.pid
+"""
+    result = host.run(script, timeout=STOP_WAIT + 30)
+    if result.rc != 0:
+        raise PppoeError(f"PPPoE daemons did not stop: {result.stderr.strip()}\n{_logs(host)}")
 
 
 def _network(interface: str) -> str:
