@@ -14,7 +14,6 @@ router that runs for months keeps every route a flow ever used (kmodtest/guest/d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -152,13 +151,6 @@ def _ct_sample(host: testinfra.host.Host, port: int, since: float = 0.0) -> CtSa
     return CtSample(float(uptime.split()[0]) - since, entries)
 
 
-def _poll(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (value := read()) < enough and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
-
-
 def _send_expiring(
     host: testinfra.host.Host, endpoints: testinfra.host.Host, topo: Topology, t: traffic.Transfer
 ) -> tuple[int, int]:
@@ -169,8 +161,8 @@ def _send_expiring(
     match = f"udp sport {t.flow.port}"
     with wire.rewrite_sent(endpoints, topo.server.netns, match, "ip ttl set 1") as rewritten:
         t.feed(EXPIRING * traffic.UDP_PAYLOAD)
-        sent = _poll(rewritten, EXPIRING)
-        expired = _poll(lambda: traffic.expired_in_transit(host, 4) - before, sent)
+        sent = wire.poll_count(rewritten, EXPIRING)
+        expired = wire.poll_count(lambda: traffic.expired_in_transit(host, 4) - before, sent)
     return sent, expired
 
 

@@ -8,9 +8,6 @@ classic path reassembles them, and the datagram must arrive whole.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 
 from kmodtest.guest import conntrack as ct
@@ -22,15 +19,6 @@ pytestmark = pytest.mark.per_nic
 NBYTES = 1_000_000
 SENT_TTL = 64  # the client's default TTL / hop limit (net.ipv4.ip_default_ttl, hop_limit)
 EXPIRING = 8  # datagrams the client sends down the offloaded flow with TTL 1
-
-
-def _poll(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
-    """Read a guest counter until it reaches ``enough`` or the deadline passes; the last value.
-    (Kernel counters move asynchronously to the command that caused them.)"""
-    deadline = time.monotonic() + timeout
-    while (value := read()) < enough and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
@@ -58,8 +46,8 @@ def test_fast_path_decrements_ttl_and_leaves_expiring_packets_to_the_classic_pat
             expired_before = traffic.expired_in_transit(host, family)
             with wire.rewrite_sent(endpoints, topo.client.netns, flow, f"{hop} set 1") as rewritten:
                 t.feed(EXPIRING * traffic.UDP_PAYLOAD)
-                sent = _poll(rewritten, EXPIRING)
-                expired = _poll(
+                sent = wire.poll_count(rewritten, EXPIRING)
+                expired = wire.poll_count(
                     lambda: traffic.expired_in_transit(host, family) - expired_before, sent
                 )
             late = arrived()

@@ -11,6 +11,7 @@ not the namespaces'.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -97,3 +98,12 @@ def rewrite_sent(
     chain = "type filter hook output priority 0"
     with _table(host, netns, "inet", REWRITE_TABLE, chain, rules) as counters:
         yield lambda: counters()["rewritten"]
+
+
+def poll_count(read: Callable[[], int], enough: int, timeout: float = 20.0) -> int:
+    """Read a guest counter until it reaches ``enough`` or the deadline passes; the last value.
+    (Kernel counters move asynchronously to the command that caused them.)"""
+    deadline = time.monotonic() + timeout
+    while (value := read()) < enough and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
