@@ -64,6 +64,17 @@ def test_run_exits_with_the_command_s_status(logs: Path) -> None:
     assert out.returncode == 1, out.stderr
 
 
+def test_run_network_sets_up_the_client_and_server_the_command_uses(logs: Path) -> None:
+    """``--network``: the client reaches the server through the router, as in the fixtures;
+    without it there is no client namespace."""
+    ping = "ip netns exec client ping -c 1 -W 10 198.51.100.2"
+    out = run(logs, "--network", "--", ping)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 packets received" in out.stdout, out.stdout
+    bare = run(logs, "--", ping)
+    assert bare.returncode != 0, bare.stdout
+
+
 def test_run_streams_output_while_the_command_runs(logs: Path) -> None:
     """The command never ends (it waits for a file nothing creates): its first line can only
     reach us if output streams; then Ctrl-C stops kmodtest and its VM."""

@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         command = command_text(args.cmd)
         puts = [Put.parse(p) for p in args.put or []]
-        pool, case = _pool(args, network=args.topology)
+        pool, case = _pool(args, network=args.network)
     except KmodtestError as exc:
         err(str(exc))
         return EXIT_KMODTEST
@@ -279,7 +279,7 @@ def shell_session(
 def cmd_shell(args: argparse.Namespace) -> int:
     """The VM goes with the shell however it ends: the escape, the shell's exit, end of input,
     a hangup, a signal or an exception (and SIGKILL: QEMU's death signal)."""
-    pool, case = _pool(args, network=args.topology)
+    pool, case = _pool(args, network=args.network)
     try:
         router = pool.acquire(case)
         with follow_console(router.console_log, args.verbose):
@@ -360,7 +360,8 @@ def _lab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module", action="append", metavar="MOD[,MOD...]",
                    help="modules of the cell's kernel to add (with their dependencies), in the "
                    "same layer; repeatable")  # fmt: skip
-    p.add_argument("--topology", action="store_true",
+    # not --topology: that is pytest's one-vm/two-vm option, which Settings reads from args
+    p.add_argument("--network", action="store_true",
                    help="set up the test network first (the router's lan/wan ports, the "
                    "client and server namespaces), as the pytest fixtures do")  # fmt: skip
 
