@@ -3,10 +3,12 @@
 Like KUnit's and virtme-ng's minimal configs: only what the router image and the tests use
 (direct boot with an initramfs, a serial console, virtio-serial for the agent, veth, a bridge
 and VLANs (OpenWrt's LAN shape), network namespaces, IPv4/IPv6 forwarding, conntrack, NAT,
-nftables and the flowtable), plus the drivers of the NIC models (:mod:`kmodtest.nics`) and
-what the arch's QEMU machine needs (:mod:`kmodtest.arches`). Netfilter pieces are modules, so
-the image builder's module closure and ``modprobe`` in the guest work as on a distribution
-kernel.
+nftables and the flowtable, a GRE tunnel and PPPoE (the tunnel and WAN tests)), plus the
+drivers of the NIC models (:mod:`kmodtest.nics`) and what the arch's QEMU machine needs
+(:mod:`kmodtest.arches`). Netfilter pieces are modules, so the image builder's module closure
+and ``modprobe`` in the guest work as on a distribution kernel. Conntrack's GRE tracker
+(``NF_CT_PROTO_GRE``, which the flowtable's GRE path is compiled under) has no prompt: only
+the PPTP helper selects it, as in Debian's config.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ CONFIG_VETH=m
 CONFIG_BRIDGE=m
 CONFIG_BRIDGE_VLAN_FILTERING=y
 CONFIG_VLAN_8021Q=m
+CONFIG_NET_IPGRE_DEMUX=m
+CONFIG_NET_IPGRE=m
+CONFIG_PPP=m
+CONFIG_PPPOE=m
+CONFIG_PPP_ASYNC=m
 CONFIG_NETFILTER=y
 CONFIG_NETFILTER_ADVANCED=y
 CONFIG_NETFILTER_INGRESS=y
@@ -72,6 +79,8 @@ CONFIG_NF_CONNTRACK=m
 CONFIG_NF_CONNTRACK_PROCFS=y
 CONFIG_NF_CONNTRACK_TIMESTAMP=y
 CONFIG_NF_CT_NETLINK=m
+CONFIG_NF_CONNTRACK_PPTP=m
+CONFIG_NF_CT_PROTO_GRE=y
 CONFIG_NF_NAT=m
 CONFIG_NF_TABLES=m
 CONFIG_NF_TABLES_INET=y
