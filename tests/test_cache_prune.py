@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
+import pytest
+
 from kmodtest.face.cli import main
+from kmodtest.prepare.cache import Cache, write_content_manifest
 from kmodtest.prepare.cells import load_matrix
 from kmodtest.prepare.images import input_key
 from kmodtest.prepare.kernels import kernel_source_for
@@ -66,3 +71,24 @@ def test_list_prints_sizes(tmp_path, capsys):
     assert _cli(tmp_path) == 0
     out = capsys.readouterr().out
     assert "images" in out and "prune` frees" in out
+
+
+def test_prune_unused_for_removes_what_no_run_built_or_used_lately(tmp_path, capsys):
+    paths = _fill(tmp_path)
+    write_content_manifest(paths["live_image"])  # images are checked before they are served
+    month_ago = time.time() - 30 * 86400
+    for name in ("live_image", "sources", "old_index"):
+        os.utime(paths[name], (month_ago, month_ago))
+    # a run is served the live image: that counts as a use, so it stays
+    assert Cache(tmp_path).entry("images", paths["live_image"].name) == paths["live_image"]
+
+    assert _cli(tmp_path, "prune", "--unused-for", "14") == 0
+    kept = {name for name, p in paths.items() if p.exists()}
+    # sources: a month unused; old_index, old_image, half_built, work: stale as before
+    assert kept == {"live_index", "live_image"}
+
+
+def test_prune_unused_for_takes_only_a_number_of_days(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "prune", "--unused-for", "a fortnight")
+    assert "is not a number of days" in capsys.readouterr().err

@@ -204,6 +204,16 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days (e.g. 14)")
+    return days
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from kmodtest.prepare import cacheinfo
 
@@ -229,6 +239,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         doomed = [e for e in entries if e.kind in args.kind.split(",")]
     else:
         doomed = stale
+        if args.unused_for is not None:
+            unused = cacheinfo.unused_entries(cache, args.unused_for)
+            doomed += [e for e in unused if e not in stale]
     busy = []
     if not args.dry_run:
         busy = [e for e in doomed if not cacheinfo.remove(cache, e)]
@@ -322,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "points to")  # fmt: skip
     p.add_argument("--all", action="store_true", help="prune: empty the cache")
     p.add_argument("--kind", help="prune: remove these kinds wholesale (e.g. sources,overlays)")
+    p.add_argument("--unused-for", type=_days, metavar="DAYS",
+                   help="prune: also remove entries of any kind no run has built or used for "
+                   "DAYS days (rebuilt when needed again)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     options.add_to_argparse(p, options.DIRS)
     p.set_defaults(func=cmd_cache)

@@ -47,6 +47,13 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "kmodtest"
 
 
+def mark_used(entry: Path) -> Path:
+    """Stamp ``entry``'s mtime with now: ``cache prune --unused-for DAYS`` goes by it."""
+    with contextlib.suppress(OSError):  # a read-only or shared cache still serves
+        os.utime(entry)
+    return entry
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if missing)."""
@@ -169,7 +176,7 @@ class Cache:
         if not final.is_dir():
             return None
         if kind not in CHECKED_KINDS or self._intact(final):
-            return final
+            return mark_used(final)
         with self.lock(kind, key):
             if not final.is_dir():  # another process discarded it meanwhile
                 return None
@@ -236,7 +243,7 @@ class Cache:
         with self.lock(kind, key):
             if final.is_dir():  # another process finished it while we waited, or it is bad
                 if kind not in CHECKED_KINDS or self._intact(final):
-                    return final
+                    return mark_used(final)
                 self._discard(kind, key, content_problem(final))
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))

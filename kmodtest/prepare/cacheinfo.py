@@ -5,7 +5,8 @@ entry of its input key and the image it names. Everything else in ``images/`` an
 is from an older recipe, package set or builder, and so are leftovers of interrupted builds
 (``work/``, ``.<key>.*`` temporaries). The module-loop caches (``sources``, ``toolchains``,
 ``overlays``, ``kernel-trees``) and the Debian QEMU (``qemu``, :mod:`kmodtest.prepare.qemu`)
-are listed with their size; ``--kind`` removes one wholesale.
+are listed with their size; ``--kind`` removes one wholesale, ``--unused-for DAYS`` what no
+run has built or used for that long (mutation runs leave an overlay per mutant).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,20 @@ def stale_entries(cache: Cache, cells: Iterable[Cell], images_dir: Path) -> list
         for e in cache_entries(cache)
         if e.temporary or (e.kind in ("images", "index") and e.path not in live)
     ]
+
+
+def unused_entries(cache: Cache, days: float, now: float | None = None) -> list[CacheEntry]:
+    """Entries neither built nor served for ``days`` (their mtime: :func:`cache.mark_used`).
+
+    Index entries are left: they are tiny, and one whose image went is rebuilt on demand.
+    """
+    cutoff = (time.time() if now is None else now) - days * 86400
+    old = []
+    for entry in cache_entries(cache):
+        with contextlib.suppress(FileNotFoundError):  # removed while we look
+            if entry.kind != "index" and entry.path.stat().st_mtime < cutoff:
+                old.append(entry)
+    return old
 
 
 def remove(cache: Cache, entry: CacheEntry) -> bool:
