@@ -36,6 +36,11 @@ FIRST = 128 * 1024
 VLAN_GRO_MISS = ((6, 1), "igb")
 
 
+def _vlan_wan_counts_bytes(router) -> bool:
+    """Whether a WAN-VLAN test holds the classic path to bytes too (not on VLAN_GRO_MISS)."""
+    return (router.image.kernel_series, router.topology.nic_model) != VLAN_GRO_MISS
+
+
 def _offloaded_download(
     router,
     host,
@@ -104,19 +109,27 @@ def test_bridged_lan_port_is_offloaded(router, host, nft, family, shape):
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_wan_in_a_vlan_is_offloaded(router, host, nft, family):
-    gro_miss = (router.image.kernel_series, router.topology.nic_model) == VLAN_GRO_MISS
     with portshapes.wan_vlan(host, router.topology) as vlan:
         _offloaded_download(
-            router, host, nft, family, server_ip=vlan.address(family), by_bytes=not gro_miss
+            router,
+            host,
+            nft,
+            family,
+            server_ip=vlan.address(family),
+            by_bytes=_vlan_wan_counts_bytes(router),
         )
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_wan_in_qinq_is_offloaded(router, host, nft, family):
-    gro_miss = (router.image.kernel_series, router.topology.nic_model) == VLAN_GRO_MISS
     with portshapes.wan_vlan(host, router.topology, portshapes.SERVICE_VLAN) as vlan:
         _offloaded_download(
-            router, host, nft, family, server_ip=vlan.address(family), by_bytes=not gro_miss
+            router,
+            host,
+            nft,
+            family,
+            server_ip=vlan.address(family),
+            by_bytes=_vlan_wan_counts_bytes(router),
         )
 
 
